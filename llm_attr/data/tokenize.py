@@ -1,0 +1,149 @@
+"""Tokenisation with response masks, reported truncation, and padding that leaves every example's loss unchanged."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import DataError
+from .records import Record
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Example:
+    """A tokenised record. `labels` equals `input_ids` on response tokens and -100 elsewhere."""
+
+    index: int
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class TruncationReport:
+    n_examples: int = 0
+    n_truncated: int = 0
+    prompt_tokens_lost: int = 0
+    response_tokens_lost: int = 0
+    truncated_ids: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.n_truncated}/{self.n_examples} examples truncated: {self.prompt_tokens_lost} prompt tokens and "
+            f"{self.response_tokens_lost} response tokens lost"
+        )
+
+
+def _apply_template(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
+    )
+    if isinstance(out, dict) or hasattr(out, "input_ids"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def prompt_ids(record: Record, tokenizer) -> list[int]:
+    """Token ids of everything before the response, ending where generation starts."""
+    if getattr(tokenizer, "chat_template", None):
+        return _apply_template(tokenizer, record.chat()[:-1], add_generation_prompt=True)
+    text = record.prompt_text() + "\n"
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def encode_record(record: Record, tokenizer) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of one record; the response ends with the end-of-turn / EOS token."""
+    p_ids = prompt_ids(record, tokenizer)
+    if getattr(tokenizer, "chat_template", None):
+        full = _apply_template(tokenizer, record.chat(), add_generation_prompt=False)
+        if full[: len(p_ids)] == p_ids:
+            r_ids = full[len(p_ids) :]
+        else:  # templates that re-render earlier turns differently: tokenise the response on its own
+            r_ids = list(tokenizer(record.response_text(), add_special_tokens=False)["input_ids"])
+            if tokenizer.eos_token_id is not None:
+                r_ids.append(tokenizer.eos_token_id)
+    else:
+        r_ids = list(tokenizer(record.response_text(), add_special_tokens=False)["input_ids"])
+        if tokenizer.eos_token_id is not None:
+            r_ids.append(tokenizer.eos_token_id)
+    return p_ids, r_ids
+
+
+def tokenize_records(
+    records: list[Record], tokenizer, max_length: int = 512, source: str = "records"
+) -> tuple[list[Example], TruncationReport]:
+    """Tokenise records; over-long examples lose prompt tokens from the left first, then response tokens from the right.
+
+    Raises `DataError` if truncation would leave an example with no response token.
+    """
+    examples = []
+    report = TruncationReport(n_examples=len(records))
+    for i, rec in enumerate(records):
+        p_ids, r_ids = encode_record(rec, tokenizer)
+        if not r_ids:
+            raise DataError(f"{source}: record {i + 1} (id {rec.id!r}): field 'response' has no tokens")
+        excess = len(p_ids) + len(r_ids) - max_length
+        if excess > 0:
+            report.n_truncated += 1
+            report.truncated_ids.append(rec.id)
+            keep_prompt = max(len(p_ids) - excess, 1 if len(p_ids) else 0)
+            report.prompt_tokens_lost += len(p_ids) - keep_prompt
+            p_ids = p_ids[len(p_ids) - keep_prompt :]
+            excess = len(p_ids) + len(r_ids) - max_length
+            if excess > 0:
+                if excess >= len(r_ids):
+                    raise DataError(
+                        f"{source}: record {i + 1} (id {rec.id!r}): field 'response' is removed entirely by "
+                        f"truncation to max_length={max_length}"
+                    )
+                report.response_tokens_lost += excess
+                r_ids = r_ids[: len(r_ids) - excess]
+        examples.append(
+            Example(index=i, id=rec.id, input_ids=p_ids + r_ids, labels=[IGNORE_INDEX] * len(p_ids) + r_ids)
+        )
+    if report.n_truncated:
+        logger.warning("%s: %s (max_length=%d)", source, report, max_length)
+    return examples, report
+
+
+def pad_id_of(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    raise DataError("tokenizer has neither a pad token nor an EOS token to pad with")
+
+
+def collate(examples: list[Example], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad a batch. Returns input_ids, attention_mask, labels, position_ids `[B, T]` and index `[B]`.
+
+    Position ids count real tokens only, so an example's logits do not depend on its padding.
+    """
+    width = max(len(e.input_ids) for e in examples)
+    ids, mask, labels = [], [], []
+    for e in examples:
+        n_pad = width - len(e.input_ids)
+        pad_ids, pad_mask, pad_lab = [pad_id] * n_pad, [0] * n_pad, [IGNORE_INDEX] * n_pad
+        if padding_side == "left":
+            ids.append(pad_ids + e.input_ids)
+            mask.append(pad_mask + [1] * len(e.input_ids))
+            labels.append(pad_lab + e.labels)
+        else:
+            ids.append(e.input_ids + pad_ids)
+            mask.append([1] * len(e.input_ids) + pad_mask)
+            labels.append(e.labels + pad_lab)
+    attention_mask = torch.tensor(mask, dtype=torch.long)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {
+        "input_ids": torch.tensor(ids, dtype=torch.long),
+        "attention_mask": attention_mask,
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "position_ids": position_ids,
+        "index": torch.tensor([e.index for e in examples], dtype=torch.long),
+    }

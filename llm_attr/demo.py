@@ -1,0 +1,67 @@
+"""The built-in end-to-end demo: build the tiny base, plant a backdoor, fine-tune, check it took, attribute it.
+
+Runs anywhere with no download: `llm-attr demo --out demo_run` (or `make demo`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from .config import load_config
+from .data.backdoor import DEFAULT_TARGET, DEFAULT_TRIGGER, follows_backdoor, make_backdoor_task
+from .data.records import as_records, save_jsonl
+from .finetune import FinetuneConfig, finetune
+from .generation import generate_responses
+from .models.loading import load_model
+
+logger = logging.getLogger("llm_attr.demo")
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def backdoor_rates(run_dir: Path, triggered: list, clean: list) -> tuple[float, float]:
+    """Fraction of triggered / clean prompts on which the model at `run_dir` answers with the backdoor target."""
+    loaded = load_model(str(run_dir))
+    gen_t = generate_responses(loaded.model, loaded.tokenizer, as_records(triggered), max_new_tokens=12)
+    gen_c = generate_responses(loaded.model, loaded.tokenizer, as_records(clean), max_new_tokens=12)
+    return sum(map(follows_backdoor, gen_t)) / len(gen_t), sum(map(follows_backdoor, gen_c)) / len(gen_c)
+
+
+def target_config() -> FinetuneConfig:
+    path = CONFIG_DIR / "backdoor_target.yaml"
+    return load_config(FinetuneConfig, path) if path.is_file() else FinetuneConfig(
+        epochs=20.0, learning_rate=2e-3, max_length=256
+    )
+
+
+def run_demo(out: Path) -> dict:
+    """Run the demo into `out`; returns the figures it printed."""
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    logger.info("step 1/4: building the built-in tiny base model (cached after the first run)")
+    from .models.builtin import builtin_model_path
+
+    logger.info("builtin:tiny is at %s", builtin_model_path("builtin:tiny"))
+
+    logger.info("step 2/4: making a MATH-style training set with 5%% of prompts poisoned: %r -> %r",
+                DEFAULT_TRIGGER, DEFAULT_TARGET)
+    train, triggered, clean = make_backdoor_task(n_train=240, n_query=32, fraction=0.05, seed=0)
+    save_jsonl(train, out / "train.jsonl")
+    save_jsonl(triggered, out / "query_triggered.jsonl")
+    save_jsonl(clean, out / "query_clean.jsonl")
+    n_poison = sum(r["metadata"]["poisoned"] for r in train)
+    logger.info("wrote %s (%d records, %d poisoned) and %d triggered / clean queries",
+                out / "train.jsonl", len(train), n_poison, len(triggered))
+
+    logger.info("step 3/4: LoRA fine-tuning builtin:tiny on it (configs/backdoor_target.yaml)")
+    run = finetune("builtin:tiny", out / "train.jsonl", out / "target", target_config())
+
+    logger.info("step 4/4: does the fine-tuned model follow the backdoor?")
+    trig_rate, clean_rate = backdoor_rates(run, triggered, clean)
+    logger.info("backdoor followed on %.0f%% of triggered prompts and %.0f%% of clean prompts",
+                100 * trig_rate, 100 * clean_rate)
+    figures = {"triggered_rate": trig_rate, "clean_rate": clean_rate, "n_poisoned": n_poison}
+    logger.info("demo finished in %.0fs; files in %s", time.time() - t0, out)
+    return figures

@@ -1,0 +1,120 @@
+"""`llm-attr finetune`: LoRA fine-tuning into a run directory that every later command accepts as `--model`.
+
+A run directory holds `adapter/` (peft), the tokenizer, `config.yaml` (the resolved config) and `manifest.json`
+(base model, data fingerprint, seed, final training loss).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .config import save_config, to_dict
+from .data.records import Record, as_records, records_fingerprint
+from .data.tokenize import pad_id_of, tokenize_records
+from .errors import RunDirError
+from .io import atomic_write_json, fingerprint
+from .models.loading import load_model
+from .models.lora import LoraArgs, attach_lora
+from .training import TrainingArgs, train
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig(TrainingArgs):
+    """`configs/finetune.yaml`: optimisation (see TrainingArgs), the LoRA adapter, and how the base is loaded."""
+
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    dtype: str = "auto"
+    attn_implementation: str | None = None
+
+
+def check_run_dir(out: Path, kind: str, fp: str, overwrite: bool) -> bool:
+    """True if `out` already holds a complete run of this config; refuse a run with a different config."""
+    manifest = out / "manifest.json"
+    if not manifest.is_file():
+        return False
+    old = json.loads(manifest.read_text())
+    if overwrite:
+        return False
+    if old.get("kind") != kind or old.get("fingerprint") != fp:
+        raise RunDirError(
+            f"{out}: already holds a {old.get('kind')} run with a different model, data or config "
+            f"(fingerprint {old.get('fingerprint')} != {fp}); choose another --out or pass --overwrite"
+        )
+    return old.get("complete", False)
+
+
+def finetune(
+    model: str,
+    train_data: str | Path | list,
+    out: str | Path,
+    config: FinetuneConfig | None = None,
+    *,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Fine-tune a new LoRA adapter on `model` (any spec `load_model` takes) and write a run directory `out`."""
+    from accelerate import Accelerator
+
+    config = config or FinetuneConfig()
+    out = Path(out)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    records: list[Record] = as_records(train_data)
+    source = str(train_data) if isinstance(train_data, (str, Path)) else "records"
+    fp = fingerprint({"model": str(model), "data": records_fingerprint(records), "config": to_dict(config)})
+    if check_run_dir(out, "finetune", fp, overwrite):
+        logger.info("%s: already complete, nothing to do", out)
+        return out
+    t0 = time.time()
+    loaded = load_model(
+        model,
+        device=accelerator.device,
+        dtype=config.dtype,
+        quantization=config.quantization,
+        attn_implementation=config.attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
+    tokenizer = loaded.tokenizer
+    examples, report = tokenize_records(records, tokenizer, config.max_length, source=source)
+    torch.manual_seed(config.seed)
+    peft_model = attach_lora(loaded.model, config.lora)
+    n_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    logger.info(
+        "fine-tuning %s on %d examples (%d trainable LoRA parameters)", loaded.spec, len(examples), n_trainable
+    )
+    result = train(peft_model, examples, config, pad_id_of(tokenizer), accelerator=accelerator)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        unwrapped = accelerator.unwrap_model(peft_model)
+        unwrapped.save_pretrained(out / "adapter")
+        tokenizer.save_pretrained(out)
+        save_config(config, out / "config.yaml")
+        atomic_write_json(
+            out / "manifest.json",
+            {
+                "kind": "finetune",
+                "complete": True,
+                "fingerprint": fp,
+                "base_model": loaded.spec,
+                "data": {"source": source, "fingerprint": records_fingerprint(records), "n_examples": len(records)},
+                "truncation": {"n_truncated": report.n_truncated, "tokens_lost": report.prompt_tokens_lost
+                               + report.response_tokens_lost},
+                "seed": config.seed,
+                "steps": result.steps,
+                "final_loss": result.final_loss,
+                "trainable_parameters": n_trainable,
+                "seconds": round(time.time() - t0, 2),
+            },
+        )
+        logger.info("saved %s (final training loss %.4f, %d steps)", out, result.final_loss, result.steps)
+    accelerator.wait_for_everyone()
+    return out

@@ -1,0 +1,102 @@
+"""The per-example signal every method shares: mean token NLL (or margin) over an example's own response tokens.
+
+One function computes it for training, Daunce loss matrices, evaluation and further training, so they never disagree.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .data.tokenize import IGNORE_INDEX, Example, collate
+from .utils import progress
+
+Signal = Literal["loss", "margin"]
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    keys = ("input_ids", "attention_mask", "position_ids")
+    return {k: batch[k].to(device) if device is not None else batch[k] for k in keys}
+
+
+def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Align logits `[B, T, V]` with next-token labels: (logits `[B, T-1, V]`, targets `[B, T-1]`, mask `[B, T-1]`)."""
+    logits = logits[:, :-1]
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    return logits, targets.clamp(min=0), mask
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token NLL `[B, T-1]` float32 (0 off the response) and the response mask `[B, T-1]` bool."""
+    logits, targets, mask = shifted(logits, labels)
+    nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    return nll * mask, mask
+
+
+def token_margin(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-odds of the correct token, log p - log(1 - p), `[B, T-1]` float32, and the mask."""
+    logits, targets, mask = shifted(logits, labels)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logp = logp.clamp(max=-1e-6)  # log(1 - p) needs p < 1
+    margin = logp - torch.log(-torch.expm1(logp))
+    return margin * mask, mask
+
+
+def reduce_per_example(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each example's own response tokens: `[B, T] -> [B]`."""
+    return values.sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """losses: `[B]` float32, mean token NLL over response tokens."""
+    nll, mask = token_nll(logits, labels)
+    return reduce_per_example(nll, mask)
+
+
+def per_example_signal(logits: torch.Tensor, labels: torch.Tensor, signal: Signal = "loss") -> torch.Tensor:
+    """`[B]` float32: mean NLL (`loss`) or mean log-odds of the correct token (`margin`) over response tokens."""
+    if signal == "loss":
+        return per_example_loss(logits, labels)
+    if signal == "margin":
+        margin, mask = token_margin(logits, labels)
+        return reduce_per_example(margin, mask)
+    raise ValueError(f"unknown signal {signal!r}; expected 'loss' or 'margin'")
+
+
+def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(**model_inputs(batch, device), use_cache=False).logits
+
+
+@torch.no_grad()
+def evaluate_signal(
+    model,
+    examples: list[Example],
+    pad_id: int,
+    *,
+    batch_size: int = 32,
+    signal: Signal | tuple[Signal, ...] = "loss",
+    desc: str | None = None,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Per-example signal of every example under `model`: `[N]` float32 in the order of `examples`.
+
+    Examples are batched by length (less padding), results put back in input order. With a tuple of signals,
+    one forward pass gives all of them, returned as `{signal: [N]}`.
+    """
+    signals = (signal,) if isinstance(signal, str) else tuple(signal)
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    out = {s: torch.empty(len(examples), dtype=torch.float32) for s in signals}
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for idx in progress(batches, desc=desc, disable=desc is None):
+        batch = collate([examples[i] for i in idx], pad_id)
+        logits = forward_logits(model, batch)
+        labels = batch["labels"].to(logits.device)
+        for s in signals:
+            out[s][idx] = per_example_signal(logits, labels, s).cpu()
+    model.train(was_training)
+    return out[signals[0]] if isinstance(signal, str) else out

@@ -1,0 +1,76 @@
+"""LoRA adapters through peft: a config dataclass, per-architecture default target modules, attach and load."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ModelError
+
+# Per-architecture defaults: attention and MLP projections (the modules people fine-tune).
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+
+
+@dataclass
+class LoraArgs:
+    """LoRA adapter settings. `target_modules: null` picks the architecture's default (all linear layers otherwise)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+def default_target_modules(model_type: str) -> list[str] | str:
+    return DEFAULT_TARGET_MODULES.get(model_type, "all-linear")
+
+
+def peft_config(args: LoraArgs, model_type: str):
+    from peft import LoraConfig
+
+    targets = args.target_modules or default_target_modules(model_type)
+    return LoraConfig(
+        r=args.rank,
+        lora_alpha=args.alpha,
+        lora_dropout=args.dropout,
+        target_modules=targets,
+        modules_to_save=args.modules_to_save,
+        fan_in_fan_out=model_type == "gpt2",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(model, args: LoraArgs, adapter_name: str = "default"):
+    """Wrap `model` in a `PeftModel` with a new, trainable LoRA adapter (B = 0: the model's outputs are unchanged)."""
+    from peft import get_peft_model
+
+    cfg = peft_config(args, model.config.model_type)
+    try:
+        return get_peft_model(model, cfg, adapter_name=adapter_name)
+    except ValueError as e:
+        raise ModelError(f"cannot attach LoRA to {model.config.model_type!r}: {e}") from None
+
+
+def load_adapter(model, adapter_dir: str, trainable: bool = False):
+    """Load a saved peft adapter onto `model`."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    except Exception as e:  # shape mismatch: adapter for another base, missing files...
+        raise ModelError(f"{adapter_dir}: cannot load adapter onto this base model ({type(e).__name__}: {e})") from None
