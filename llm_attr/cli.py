@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace a run directory holding another config")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
+    p.add_argument("--columns", help="map fields to the data's columns, e.g. prompt=question,response=answer")
     _add_config_args(p)
 
     p = sub.add_parser("data", help="make built-in data sets")
@@ -87,7 +88,17 @@ def _finetune(args: argparse.Namespace) -> None:
 
     config = load_config(FinetuneConfig, args.config, args.overrides)
     finetune(args.model, args.train, args.out, config, overwrite=args.overwrite,
-             trust_remote_code=args.trust_remote_code)
+             trust_remote_code=args.trust_remote_code, columns=parse_columns(args.columns))
+
+
+def parse_columns(spec: str | None) -> dict[str, str] | None:
+    """`"prompt=question,response=answer"` -> `{"prompt": "question", "response": "answer"}`."""
+    if not spec:
+        return None
+    pairs = [p.split("=", 1) for p in spec.split(",") if p.strip()]
+    if any(len(p) != 2 for p in pairs):
+        raise LlmAttrError(f"--columns {spec!r}: expected ours=theirs pairs separated by commas")
+    return {k.strip(): v.strip() for k, v in pairs}
 
 
 @command("data")

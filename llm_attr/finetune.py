@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 
 from .config import save_config, to_dict
-from .data.records import Record, as_records, records_fingerprint
+from .data.records import Record, as_records, load_records, records_fingerprint
 from .data.tokenize import pad_id_of, tokenize_records
 from .errors import RunDirError
 from .io import atomic_write_json, fingerprint
@@ -61,14 +61,21 @@ def finetune(
     *,
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    columns: dict[str, str] | None = None,
 ) -> Path:
-    """Fine-tune a new LoRA adapter on `model` (any spec `load_model` takes) and write a run directory `out`."""
+    """Fine-tune a new LoRA adapter on `model` (any spec `load_model` takes) and write a run directory `out`.
+
+    `train_data`: a JSONL file, a saved dataset directory, a hub dataset name, or a list of records;
+    `columns` maps our field names to the data's (`{"prompt": "question", "response": "answer"}`).
+    """
     from accelerate import Accelerator
 
     config = config or FinetuneConfig()
     out = Path(out)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    records: list[Record] = as_records(train_data)
+    records: list[Record] = (
+        load_records(train_data, columns=columns) if isinstance(train_data, (str, Path)) else as_records(train_data)
+    )
     source = str(train_data) if isinstance(train_data, (str, Path)) else "records"
     fp = fingerprint({"model": str(model), "data": records_fingerprint(records), "config": to_dict(config)})
     if check_run_dir(out, "finetune", fp, overwrite):

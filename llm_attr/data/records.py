@@ -123,7 +123,8 @@ def load_records(
     path = Path(source)
     if path.is_file():
         return _load_jsonl(path, columns)
-    if path.is_dir():
+    saved = path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file())
+    if saved:
         from datasets import DatasetDict, load_from_disk
 
         ds = load_from_disk(str(path))
@@ -132,9 +133,9 @@ def load_records(
                 raise DataError(f"{path}: no split {split!r}; available: {list(ds)}")
             ds = ds[split]
         return _from_rows(ds, str(path), columns)
-    if str(source).endswith((".jsonl", ".json")) or "/" not in str(source):
+    if not path.is_dir() and (str(source).endswith((".jsonl", ".json")) or "/" not in str(source)):
         raise DataError(f"{source}: file not found")
-    from datasets import load_dataset
+    from datasets import load_dataset  # a hub dataset name, or a directory of data files
 
     try:
         ds = load_dataset(str(source), split=split)

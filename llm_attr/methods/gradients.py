@@ -1,0 +1,396 @@
+"""Per-example gradients of linear layers by hooks, optionally LoGra-projected, for the gradient attribution family.
+
+For a linear layer y_t = W x_t (+ b) the gradient of one example's loss is G = Σ_t δ_t x_tᵀ (`[out, in]`, δ_t the
+gradient at the output, x_t the input at token t). Forward hooks capture x, one backward of the *sum* of the
+per-example losses gives every example its own δ (examples never interact), and the per-example G is an einsum over
+tokens. With projections P_in `[r_in, in]` and P_out `[r_out, out]` the projected gradient P_out G P_inᵀ =
+Σ_t (P_out δ_t)(P_in x_t)ᵀ is built from projected x and δ, never forming G (LoGra).
+
+Peft LoRA adapters are covered by the same path: `lora_A` and `lora_B` are plain `nn.Linear` modules, so hooking
+them gives G_A = Σ_t (s·Bᵀδ_t) x_tᵀ and G_B = Σ_t (s·δ_t)(A x_t)ᵀ, the LoRA scaling s included by autograd.
+GPT-2 `Conv1D` layers (weight stored `[in, out]`) are handled too; their gradient is reported as `[out, in]`,
+the transpose of `weight.grad`. Biases are not tracked.
+
+Padding never changes an example's gradient: position ids count real tokens only, padded positions get zero δ,
+and x and δ are zeroed there explicitly. The model runs in eval mode (dropout off, gradient checkpointing off).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import zlib
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..errors import LlmAttrError
+from ..losses import model_inputs, per_example_loss
+
+logger = logging.getLogger(__name__)
+
+Projection = Literal["gaussian", "pca"]
+
+
+class GradientError(LlmAttrError):
+    """The model or the parameter selection cannot give per-example gradients."""
+
+
+@dataclass(frozen=True)
+class LayerBlock:
+    """Where one layer's (projected) gradient `[out_dim, in_dim]` (row-major) sits in the flat vector `[d]`."""
+
+    name: str
+    start: int
+    stop: int
+    out_dim: int
+    in_dim: int
+
+
+@dataclass
+class TrackedLayer:
+    """A linear layer whose gradient is taken. `p_in [r_in, in]` / `p_out [r_out, out]` are None when unprojected."""
+
+    name: str
+    module: nn.Module
+    in_features: int
+    out_features: int
+    transposed: bool  # GPT-2 Conv1D: weight stored [in, out]
+    p_in: torch.Tensor | None = None
+    p_out: torch.Tensor | None = None
+
+    @property
+    def in_dim(self) -> int:
+        return self.in_features if self.p_in is None else self.p_in.shape[0]
+
+    @property
+    def out_dim(self) -> int:
+        return self.out_features if self.p_out is None else self.p_out.shape[0]
+
+
+@dataclass
+class KroneckerFactors:
+    """Running K-FAC statistics per layer, in the projected (or exact) space of each layer.
+
+    `activation[name]`: Σ x̃ x̃ᵀ over real tokens `[in_dim, in_dim]` float64; `gradient[name]`: Σ δ̃ δ̃ᵀ over
+    tokens `[out_dim, out_dim]` float64. A = activation / n_tokens, S = gradient / n_examples, so A ⊗ S
+    approximates the per-example Fisher (1/N) Σ_i vec(G_i) vec(G_i)ᵀ with tokens taken as independent.
+    """
+
+    activation: dict[str, torch.Tensor] = field(default_factory=dict)
+    gradient: dict[str, torch.Tensor] = field(default_factory=dict)
+    n_tokens: int = 0
+    n_examples: int = 0
+
+    def covariances(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A `[in_dim, in_dim]`, S `[out_dim, out_dim]`) float64 of layer `name`."""
+        if self.n_examples == 0:
+            raise GradientError("K-FAC factors are empty: run the extractor over the training set first")
+        return self.activation[name] / self.n_tokens, self.gradient[name] / self.n_examples
+
+    def merge(self, other: KroneckerFactors) -> KroneckerFactors:
+        """Add another process's or shard's statistics (in place); returns self."""
+        for mine, theirs in ((self.activation, other.activation), (self.gradient, other.gradient)):
+            for k, v in theirs.items():
+                mine[k] = mine[k] + v if k in mine else v.clone()
+        self.n_tokens += other.n_tokens
+        self.n_examples += other.n_examples
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {f"activation.{k}": v for k, v in self.activation.items()}
+        out.update({f"gradient.{k}": v for k, v in self.gradient.items()})
+        out["n_tokens"] = torch.tensor(self.n_tokens)
+        out["n_examples"] = torch.tensor(self.n_examples)
+        return out
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> KroneckerFactors:
+        out = cls(n_tokens=int(state["n_tokens"]), n_examples=int(state["n_examples"]))
+        for k, v in state.items():
+            kind, _, name = k.partition(".")
+            if kind == "activation":
+                out.activation[name] = v
+            elif kind == "gradient":
+                out.gradient[name] = v
+        return out
+
+
+def _linear_dims(module: nn.Module) -> tuple[int, int, bool] | None:
+    """(in, out, transposed) of an nn.Linear or GPT-2 Conv1D, None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.shape[0], module.weight.shape[1], True
+    return None
+
+
+_LORA_NAME = re.compile(r"lora_[AB]\.([^.]+)$")
+
+
+def select_layers(model: nn.Module, params: str = "lora") -> list[tuple[str, nn.Module, int, int, bool]]:
+    """Linear layers to track, in module order: (name, module, in, out, transposed).
+
+    `params="lora"`: the `lora_A` / `lora_B` modules of the model's active peft adapter(s). Otherwise a regular
+    expression searched in module names (`"mlp"`, `r"layers\\.1\\..*proj$"`); `nn.Linear` and GPT-2 `Conv1D` only.
+    """
+    active = getattr(model, "active_adapters", None)
+    if callable(active):
+        active = active()
+    active = set(active) if active else None
+    pattern = None if params == "lora" else re.compile(params)
+    found = []
+    for name, module in model.named_modules():
+        dims = _linear_dims(module)
+        if dims is None:
+            continue
+        if pattern is None:
+            m = _LORA_NAME.search(name)
+            if m is None or (active is not None and m.group(1) not in active):
+                continue
+        elif not pattern.search(name):
+            continue
+        found.append((name, module, *dims))
+    if not found:
+        what = "no LoRA adapter (attach or load one, or give a module-name pattern)" if pattern is None else (
+            f"no nn.Linear / Conv1D module name matches {params!r}"
+        )
+        raise GradientError(f"params={params!r}: {what}")
+    return found
+
+
+def _seed_for(seed: int, name: str, side: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(f"{name}:{side}".encode())) % (2**63)
+
+
+def gaussian_projection(rank: int, dim: int, seed: int) -> torch.Tensor:
+    """`[rank, dim]` float32 with i.i.d. N(0, 1/rank) entries, so E[PᵀP] = I (inner products unbiased)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rank, dim, generator=gen) / rank**0.5
+
+
+def pca_projection(covariance: torch.Tensor, rank: int) -> torch.Tensor:
+    """`[rank, dim]` float32: the top-`rank` eigenvectors (rows) of a covariance `[dim, dim]`."""
+    _, vecs = torch.linalg.eigh(covariance.double())
+    return vecs[:, -rank:].flip(-1).T.contiguous().float()
+
+
+class GradientExtractor:
+    """Per-example gradients of the tracked linear layers, exact or LoGra-projected.
+
+    `params`: `"lora"` (the active adapter's lora_A / lora_B) or a module-name regex. `projection_rank`: rank per
+    side (0: exact gradients; a side whose dimension is <= the rank stays unprojected). `projection`: `"gaussian"`
+    (seeded per layer and side, ready at once) or `"pca"` (call `fit_projection` on training batches first).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: str = "lora",
+        projection_rank: int = 64,
+        projection: Projection = "gaussian",
+        seed: int = 0,
+    ) -> None:
+        if projection_rank < 0:
+            raise ValueError(f"projection_rank must be >= 0, got {projection_rank}")
+        if projection not in ("gaussian", "pca"):
+            raise ValueError(f"projection must be 'gaussian' or 'pca', got {projection!r}")
+        self.model = model
+        self.params = params
+        self.projection_rank = projection_rank
+        self.projection = projection
+        self.seed = seed
+        self.layers = [TrackedLayer(n, m, i, o, t) for n, m, i, o, t in select_layers(model, params)]
+        self.projection_ready = projection_rank == 0 or projection == "gaussian"
+        self.last_losses: torch.Tensor | None = None
+        if projection_rank and projection == "gaussian":
+            for layer in self.layers:
+                layer.p_in = self._gaussian(layer.name, "in", layer.in_features)
+                layer.p_out = self._gaussian(layer.name, "out", layer.out_features)
+
+    # ------------------------------------------------------------------ layout
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def layer_blocks(self) -> list[LayerBlock]:
+        """Per-layer slices of the flat gradient `[d]`, in module order."""
+        blocks, start = [], 0
+        for layer in self.layers:
+            size = layer.out_dim * layer.in_dim
+            blocks.append(LayerBlock(layer.name, start, start + size, layer.out_dim, layer.in_dim))
+            start += size
+        return blocks
+
+    @property
+    def dim(self) -> int:
+        """d: length of one example's (projected) gradient."""
+        return sum(layer.out_dim * layer.in_dim for layer in self.layers)
+
+    # ------------------------------------------------------------- projections
+
+    def _gaussian(self, name: str, side: str, dim: int) -> torch.Tensor | None:
+        if dim <= self.projection_rank:
+            return None
+        return gaussian_projection(self.projection_rank, dim, _seed_for(self.seed, name, side)).to(self.device)
+
+    @torch.no_grad()
+    def fit_projection(self, batches: Iterable[dict[str, torch.Tensor]]) -> GradientExtractor:
+        """PCA projections: top eigenvectors of each layer's input and output-gradient covariances over `batches`."""
+        if self.projection != "pca" or self.projection_rank == 0:
+            raise GradientError("fit_projection is for projection='pca' with projection_rank > 0")
+        for layer in self.layers:
+            layer.p_in = layer.p_out = None
+        sums: dict[tuple[str, str], torch.Tensor] = {}
+        n = 0
+        for batch in batches:
+            for layer, x, delta, mask in self._captured(batch):
+                for side, v in (("in", x), ("out", delta)):
+                    v = v[mask] if mask is not None else v.reshape(-1, v.shape[-1])
+                    cov = v.double().T @ v.double()
+                    sums[(layer.name, side)] = sums.get((layer.name, side), 0) + cov
+            n += 1
+        if n == 0:
+            raise GradientError("fit_projection: no batches")
+        for layer in self.layers:
+            r = self.projection_rank
+            if layer.in_features > r:
+                layer.p_in = pca_projection(sums[(layer.name, "in")], r).to(self.device)
+            if layer.out_features > r:
+                layer.p_out = pca_projection(sums[(layer.name, "out")], r).to(self.device)
+        self.projection_ready = True
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The projection matrices (`p_in.<layer>`, `p_out.<layer>`), to save next to the gradients."""
+        out = {}
+        for layer in self.layers:
+            if layer.p_in is not None:
+                out[f"p_in.{layer.name}"] = layer.p_in.cpu()
+            if layer.p_out is not None:
+                out[f"p_out.{layer.name}"] = layer.p_out.cpu()
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.projection_rank == 0:
+            return
+        for layer in self.layers:
+            p_in, p_out = state.get(f"p_in.{layer.name}"), state.get(f"p_out.{layer.name}")
+            layer.p_in = p_in.to(self.device) if p_in is not None else None
+            layer.p_out = p_out.to(self.device) if p_out is not None else None
+        self.projection_ready = True
+
+    # ---------------------------------------------------------------- capture
+
+    @contextmanager
+    def _hooks(self, records: dict[str, list], project: bool) -> Iterator[None]:
+        """Forward hooks storing (x̃ `[B, T, in_dim]` float32, output) per call of each tracked layer."""
+        handles = []
+
+        def make_hook(layer: TrackedLayer):
+            def hook(module, inputs, output):
+                if not torch.is_grad_enabled():
+                    return
+                x = inputs[0].detach().float()
+                if project and layer.p_in is not None:
+                    x = x @ layer.p_in.T
+                records[layer.name].append((x, output))
+
+            return hook
+
+        def input_requires_grad(module, inputs, output):
+            # frozen models: make activations carry gradients even when no parameter requires grad
+            if isinstance(output, torch.Tensor) and not output.requires_grad and output.is_floating_point():
+                output.requires_grad_(True)
+
+        try:
+            embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+            if embeddings is not None:
+                handles.append(embeddings.register_forward_hook(input_requires_grad))
+            for layer in self.layers:
+                handles.append(layer.module.register_forward_hook(make_hook(layer)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _captured(self, batch: dict[str, torch.Tensor], project: bool = False):
+        """Forward + one backward of Σ losses; yields (layer, x̃, δ̃, mask) per layer call, zero at padding.
+
+        x̃ `[B, T, in_dim]`, δ̃ `[B, T, out_dim]` float32 (projected when `project`); mask `[B, T]` bool or None when
+        the layer's input is not laid out as `[B, T, ...]`.
+        """
+        records: dict[str, list] = {layer.name: [] for layer in self.layers}
+        was_training = self.model.training
+        self.model.eval()
+        device = self.device
+        try:
+            with torch.enable_grad(), self._hooks(records, project):
+                logits = self.model(**model_inputs(batch, device), use_cache=False).logits
+            losses = per_example_loss(logits, batch["labels"].to(logits.device))
+            outputs = [out for layer in self.layers for _, out in records[layer.name]]
+            missing = [layer.name for layer in self.layers if not records[layer.name]]
+            if missing:
+                raise GradientError(
+                    f"tracked layers not called in the forward pass (merged or disabled adapter?): {missing[:3]}"
+                )
+            if not all(o.requires_grad for o in outputs):
+                raise GradientError("a tracked layer's output does not require grad; cannot take gradients")
+            deltas = torch.autograd.grad(losses.sum(), outputs, allow_unused=True, materialize_grads=True)
+        finally:
+            self.model.train(was_training)
+        self.last_losses = losses.detach().float()
+        mask = batch["attention_mask"].to(device).bool()
+        i = 0
+        for layer in self.layers:
+            for x, _ in records[layer.name]:
+                delta = deltas[i].float()
+                i += 1
+                if project and layer.p_out is not None:
+                    delta = delta @ layer.p_out.T
+                m = mask if x.dim() == 3 and x.shape[:2] == mask.shape else None
+                if m is not None:
+                    keep = m.unsqueeze(-1)
+                    x = torch.where(keep, x, 0.0)
+                    delta = torch.where(keep, delta, 0.0)
+                yield layer, x, delta, m
+
+    # -------------------------------------------------------------- gradients
+
+    def per_example(self, batch: dict[str, torch.Tensor], factors: KroneckerFactors | None = None) -> torch.Tensor:
+        """Per-example (projected) gradients of the per-example loss: `[B, d]` float32, blocks as in `layer_blocks`.
+
+        `batch` comes from `collate` (input_ids, attention_mask, labels, position_ids). With `factors`, the K-FAC
+        statistics of this batch are added to it in the same pass. `self.last_losses` holds the batch's `[B]` losses.
+        """
+        if not self.projection_ready:
+            raise GradientError("projection='pca' needs fit_projection(train batches) before per_example")
+        n_examples = batch["input_ids"].shape[0]
+        grads: dict[str, torch.Tensor] = {}
+        n_tokens = None
+        with torch.no_grad():
+            for layer, x, delta, mask in self._captured(batch, project=True):
+                if x.dim() == 2:  # [B, in]: no token axis
+                    x, delta = x.unsqueeze(1), delta.unsqueeze(1)
+                g = torch.einsum("bto,bti->boi", delta, x)
+                grads[layer.name] = grads[layer.name] + g if layer.name in grads else g
+                if factors is not None:
+                    xs = x[mask] if mask is not None else x.reshape(-1, x.shape[-1])
+                    ds = delta[mask] if mask is not None else delta.reshape(-1, delta.shape[-1])
+                    _accumulate(factors.activation, layer.name, xs.double().T @ xs.double())
+                    _accumulate(factors.gradient, layer.name, ds.double().T @ ds.double())
+                    n_tokens = int(mask.sum()) if mask is not None else xs.shape[0]
+        if factors is not None:
+            factors.n_tokens += n_tokens or 0
+            factors.n_examples += n_examples
+        return torch.cat([grads[layer.name].reshape(n_examples, -1) for layer in self.layers], dim=1)
+
+
+def _accumulate(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    sums[name] = sums[name] + value if name in sums else value

@@ -1,0 +1,135 @@
+"""Records, bad input, tokenisation with response masks, truncation reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llm_attr.data.records import Record, load_records, save_jsonl
+from llm_attr.data.tokenize import IGNORE_INDEX, collate, tokenize_records
+from llm_attr.errors import DataError
+from llm_attr.models.loading import load_tokenizer
+
+GOOD = {"id": "a", "prompt": "What is 2 + 3?", "response": "2 + 3 = 5. \\boxed{5}"}
+
+
+def _write(tmp_path, lines: list[str]):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+BAD_INPUT = [
+    # (lines, substrings the one-line error must contain: file, line/record, field)
+    (['{"id": "a", "prompt": "x", "response": "y"}', '{"id": "b", "prompt": "x", "response": '], [":2", "malformed JSON"]),
+    (['{"prompt": "x", "response": "y"}'], [":1", "'id'"]),
+    (['{"id": "a", "response": "y"}'], [":1", "'prompt'", "'a'"]),
+    (['{"id": "a", "prompt": "x"}'], [":1", "'response'"]),
+    (['{"id": "a", "prompt": "x", "response": "   "}'], [":1", "'response'", "empty"]),
+    (['{"id": "a", "prompt": "", "response": "y"}'], [":1", "'prompt'", "empty"]),
+    (['{"id": "a", "prompt": "x", "response": 3}'], [":1", "'response'", "string"]),
+    (['{"id": "a", "prompt": "x", "response": "y"}', '{"id": "a", "prompt": "z", "response": "w"}'], ["duplicate id", "'a'"]),
+    (['["not", "an", "object"]'], [":1", "JSON object"]),
+    (['{"id": "a", "messages": [{"role": "user", "content": "hi"}]}'], [":1", "'messages'", "assistant"]),
+    (['{"id": "a", "messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}'], [":1", "messages[0]"]),
+    (['{"id": "a", "prompt": "x", "response": "y", "metadata": [1]}'], [":1", "'metadata'"]),
+    (['{"id": true, "prompt": "x", "response": "y"}'], [":1", "'id'"]),
+    ([""], ["no records"]),
+]
+
+
+@pytest.mark.parametrize("lines,needles", BAD_INPUT)
+def test_bad_input_names_file_line_and_field(tmp_path, lines, needles):
+    path = _write(tmp_path, lines)
+    with pytest.raises(DataError) as err:
+        load_records(path)
+    message = str(err.value)
+    assert str(path) in message
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def test_jsonl_roundtrip_chat_records_and_column_mapping(tmp_path):
+    records = [
+        Record(id="1", prompt="p", response="r", metadata={"k": 1}),
+        Record(id="2", messages=[{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]),
+    ]
+    save_jsonl(records, tmp_path / "r.jsonl")
+    loaded = load_records(tmp_path / "r.jsonl")
+    assert [r.to_dict() for r in loaded] == [r.to_dict() for r in records]
+    assert loaded[1].prompt_text() == "u" and loaded[1].response_text() == "a"
+
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": 7, "question": "q?", "answer": "a!"}) + "\n")
+    (rec,) = load_records(tmp_path / "m.jsonl", columns={"prompt": "question", "response": "answer"})
+    assert (rec.id, rec.prompt, rec.response) == ("7", "q?", "a!")
+
+
+def test_saved_dataset_and_data_directory(tmp_path):
+    from datasets import Dataset
+
+    rows = {"question": ["q1", "q2"], "answer": ["a1", "a2"], "source": ["x", "y"]}
+    Dataset.from_dict(rows).save_to_disk(str(tmp_path / "saved"))
+    recs = load_records(tmp_path / "saved", columns={"prompt": "question", "response": "answer"})
+    assert [(r.id, r.prompt, r.response, r.metadata["source"]) for r in recs] == [
+        ("0", "q1", "a1", "x"),
+        ("1", "q2", "a2", "y"),
+    ]
+    # A directory of data files goes through datasets.load_dataset, as a hub name would.
+    (tmp_path / "files").mkdir()
+    save_jsonl([GOOD], tmp_path / "files" / "train.jsonl")
+    (rec,) = load_records(tmp_path / "files")
+    assert rec.id == "a" and rec.response == GOOD["response"]
+
+
+def test_response_mask_covers_exactly_the_response(tiny_model_dir):
+    tok = load_tokenizer(str(tiny_model_dir))
+    rec = Record(id="a", prompt=GOOD["prompt"], response=GOOD["response"])
+    (ex,), report = tokenize_records([rec], tok, max_length=128)
+    assert report.n_truncated == 0
+    resp = [t for t, lab in zip(ex.input_ids, ex.labels, strict=True) if lab != IGNORE_INDEX]
+    prompt = [t for t, lab in zip(ex.input_ids, ex.labels, strict=True) if lab == IGNORE_INDEX]
+    # the labelled tokens are a suffix: the response followed by the end-of-turn token
+    assert ex.input_ids[len(prompt):] == resp
+    assert tok.decode(resp, skip_special_tokens=True) == GOOD["response"]
+    assert resp[-1] == tok.eos_token_id
+    assert GOOD["prompt"] in tok.decode(prompt)
+    assert "<|assistant|>" in tok.decode(prompt)
+
+
+def test_tokenizer_without_chat_template(tiny_model_dir):
+    tok = load_tokenizer(str(tiny_model_dir))
+    tok.chat_template = None
+    rec = Record(id="a", prompt="Add 1 and 2.", response="3")
+    (ex,), _ = tokenize_records([rec], tok)
+    resp = [t for t, lab in zip(ex.input_ids, ex.labels, strict=True) if lab != IGNORE_INDEX]
+    assert tok.decode(resp[:-1]) == "3" and resp[-1] == tok.eos_token_id
+
+
+def test_truncation_is_reported_and_never_silently_drops_a_response(tiny_model_dir):
+    tok = load_tokenizer(str(tiny_model_dir))
+    long_prompt = " ".join(["apples"] * 200)
+    recs = [Record(id="long", prompt=long_prompt, response="5"), Record(id="short", prompt="hi", response="5")]
+    examples, report = tokenize_records(recs, tok, max_length=32)
+    assert report.n_truncated == 1 and report.truncated_ids == ["long"]
+    assert report.prompt_tokens_lost > 0 and report.response_tokens_lost == 0
+    assert len(examples[0].input_ids) == 32
+    assert sum(lab != IGNORE_INDEX for lab in examples[0].labels) == sum(
+        lab != IGNORE_INDEX for lab in examples[1].labels
+    )
+    with pytest.raises(DataError, match=r"record 1 \(id 'x'\).*'response'.*truncation"):
+        tokenize_records([Record(id="x", prompt="p", response="r " * 100)], tok, max_length=1, source="f.jsonl")
+
+
+def test_collate_padding_sides_and_positions(tiny_model_dir):
+    tok = load_tokenizer(str(tiny_model_dir))
+    recs = [Record(id="a", prompt="hi", response="yes"), Record(id="b", prompt="a longer prompt here", response="no")]
+    examples, _ = tokenize_records(recs, tok)
+    for side in ("left", "right"):
+        batch = collate(examples, tok.pad_token_id, padding_side=side)
+        for row, ex in enumerate(examples):
+            mask = batch["attention_mask"][row].bool()
+            assert batch["input_ids"][row][mask].tolist() == ex.input_ids
+            assert batch["position_ids"][row][mask].tolist() == list(range(len(ex.input_ids)))
+            assert batch["labels"][row][~mask].eq(IGNORE_INDEX).all()
