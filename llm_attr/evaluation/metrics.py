@@ -1,0 +1,89 @@
+"""Metrics of attribution quality: retrieval of known-relevant examples (AUPRC, precision@k) and LDS.
+
+Scores follow the package convention: higher = the training example helps the query more.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _ranking(scores: np.ndarray) -> np.ndarray:
+    """Train indices from the highest score to the lowest (stable, so ties keep index order)."""
+    return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+
+
+def average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
+    """AUPRC of one query: mean of precision@rank over the ranks of the relevant examples.
+
+    scores: [N] float; relevant: [N] bool. Equals `sklearn.metrics.average_precision_score(relevant, scores)`
+    when scores have no ties (ties are broken by index here rather than grouped).
+    """
+    relevant = np.asarray(relevant, dtype=bool)
+    if relevant.sum() == 0:
+        raise ValueError("average_precision needs at least one relevant example")
+    hits = relevant[_ranking(scores)]
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float(precision[hits].mean())
+
+
+def precision_at_k(scores: np.ndarray, relevant: np.ndarray, k: int) -> float:
+    """Fraction of the top-k training examples that are relevant."""
+    return float(np.asarray(relevant, dtype=bool)[_ranking(scores)[:k]].mean())
+
+
+def recall_at_k(scores: np.ndarray, relevant: np.ndarray, k: int) -> float:
+    """Fraction of the relevant training examples found in the top k."""
+    relevant = np.asarray(relevant, dtype=bool)
+    return float(relevant[_ranking(scores)[:k]].sum() / max(relevant.sum(), 1))
+
+
+def retrieval_summary(scores: np.ndarray, relevant: np.ndarray, ks: tuple[int, ...] = (5, 10, 20)) -> dict:
+    """Mean over queries of AUPRC, precision@k and recall@k. scores: [Q, N]; relevant: [N] or [Q, N] bool."""
+    scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    relevant = np.asarray(relevant, dtype=bool)
+    rel = np.broadcast_to(relevant, scores.shape)
+    out = {"auprc": float(np.mean([average_precision(s, r) for s, r in zip(scores, rel, strict=True)]))}
+    for k in ks:
+        out[f"precision@{k}"] = float(np.mean([precision_at_k(s, r, k) for s, r in zip(scores, rel, strict=True)]))
+        out[f"recall@{k}"] = float(np.mean([recall_at_k(s, r, k) for s, r in zip(scores, rel, strict=True)]))
+    out["random_auprc"] = float(rel.mean())
+    return out
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    rho = spearmanr(a, b).statistic
+    return float(0.0 if np.isnan(rho) else rho)
+
+
+def lds(
+    scores: np.ndarray,
+    subsets: np.ndarray,
+    outcomes: np.ndarray,
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Linear datamodeling score.
+
+    scores: [Q, N] attribution scores; subsets: [M, N] bool, the training examples kept in retrain m;
+    outcomes: [M, Q] the query's measured loss after retrain m. For each query, the Spearman correlation over the M
+    retrains between the predicted helpfulness of the kept subset (sum of scores) and the *negative* loss; returns
+    the mean over queries with a bootstrap 95% interval over queries, and the per-query values.
+    """
+    scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    subsets = np.asarray(subsets, dtype=np.float64)
+    outcomes = np.asarray(outcomes, dtype=np.float64)
+    if subsets.shape[1] != scores.shape[1] or outcomes.shape != (subsets.shape[0], scores.shape[0]):
+        raise ValueError(
+            f"shapes do not fit: scores {scores.shape} [Q, N], subsets {subsets.shape} [M, N], "
+            f"outcomes {outcomes.shape} [M, Q]"
+        )
+    predicted = subsets @ scores.T  # [M, Q]
+    per_query = np.array([_spearman(predicted[:, q], -outcomes[:, q]) for q in range(scores.shape[0])])
+    rng = np.random.default_rng(seed)
+    boots = [per_query[rng.integers(0, len(per_query), len(per_query))].mean() for _ in range(n_bootstrap)]
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return {"lds": float(per_query.mean()), "ci95": (float(lo), float(hi)), "per_query": per_query.tolist()}
