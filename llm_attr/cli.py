@@ -78,7 +78,113 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the built-in end-to-end demo: backdoor, fine-tune, attribute")
     p.add_argument("--out", default="demo_run", help="directory for the demo's files")
+
+    p = sub.add_parser("daunce", help="Daunce attribution: K perturbed fine-tunes of the target, then scores")
+    p.add_argument("--model", required=True, help="the target: a fine-tuned run dir, a model dir or builtin:tiny")
+    p.add_argument("--train", required=True, help="training records (JSONL or saved datasets directory)")
+    p.add_argument("--query", required=True, help="query records whose behaviour to attribute")
+    p.add_argument("--out", required=True, help="run directory (store, adapters, scores); re-run to resume")
+    p.add_argument("--backend", choices=["local", "openai"],
+                   help="black-box Daunce: K fine-tuning jobs and response log-probs through this backend "
+                        "(config: llm_attr.methods.blackbox.BlackBoxConfig); default: white-box Daunce")
+    p.add_argument("--yes", action="store_true", help="black-box: confirm the cost estimate of paid jobs")
+    p.add_argument("--overwrite", action="store_true", help="replace a run directory holding another run")
+    p.add_argument("--no-score", action="store_true", help="only featurize (score later with `llm-attr score`)")
+    p.add_argument("--top-k", type=int, default=10, help="rows per query in the top-k table")
+    _add_config_args(p)
+
+    p = sub.add_parser("gradients", help="projected-gradient attribution: Grad-Dot/Cos, TracIn, influence (Fisher, "
+                       "K-FAC, EK-FAC)")
+    p.add_argument("--model", required=True, help="the target: a fine-tuned run dir (params: lora), or any model")
+    p.add_argument("--train", required=True, help="training records (JSONL or saved datasets directory)")
+    p.add_argument("--query", required=True, help="query records whose behaviour to attribute")
+    p.add_argument("--out", required=True, help="run directory (gradient store, scores); re-run to resume")
+    p.add_argument("--overwrite", action="store_true", help="replace a run directory holding another run")
+    p.add_argument("--no-score", action="store_true", help="only featurize (score later with `llm-attr score`)")
+    p.add_argument("--top-k", type=int, default=10, help="rows per query in the top-k table")
+    _add_config_args(p)
+
+    p = sub.add_parser("score", help="(re)score a run: scores.safetensors, ids.json, topk.md")
+    p.add_argument("run", help="a run directory written by `llm-attr daunce` or `llm-attr gradients`")
+    p.add_argument("--method", choices=["grad-dot", "grad-cos", "tracin", "if-fisher", "if-kfac", "if-ekfac"],
+                   help="gradient runs: score with this method (default: the run's config)")
+    p.add_argument("--damping", type=float, help="gradient runs: absolute damping λ (default: the run's config)")
+    p.add_argument("--measure", choices=["cov", "corr"], help="default: the run's config")
+    p.add_argument("--signal", choices=["loss", "margin"], help="default: the run's config")
+    p.add_argument("--perturbations", type=int, help="use the first K perturbations only")
+    p.add_argument("--self", dest="self_influence", action="store_true",
+                   help="self-influence (variance over k per training example) instead of query scores")
+    p.add_argument("--top-k", type=int, default=10)
+
+    p = sub.add_parser("query", help="score new queries against a Daunce run (its kept adapters) or a gradient run "
+                       "(its stored training gradients), no retraining")
+    p.add_argument("run", help="a run directory written by `llm-attr daunce` (keep_adapters: true) or `gradients`")
+    p.add_argument("--method", choices=["grad-dot", "grad-cos", "tracin", "if-fisher", "if-kfac", "if-ekfac"],
+                   help="gradient runs: score with this method (default: the run's config)")
+    p.add_argument("--damping", type=float, help="gradient runs: absolute damping λ (default: the run's config)")
+    p.add_argument("--query", required=True, help="query records (JSONL or saved datasets directory)")
+    p.add_argument("--out", required=True, help="directory for scores.safetensors, ids.json, topk.md")
+    p.add_argument("--measure", choices=["cov", "corr"], help="default: the run's config")
+    p.add_argument("--signal", choices=["loss", "margin"], help="default: the run's config")
+    p.add_argument("--perturbations", type=int, help="use the first K perturbations only")
+    p.add_argument("--top-k", type=int, default=10)
+    _add_evaluation_parsers(sub)
     return parser
+
+
+def _add_evaluation_parsers(sub) -> None:
+    """further-train, retrain, eval lds|compare|backdoor|removal, report (llm_attr.evaluation)."""
+    p = sub.add_parser("further-train", help="further-training reference: paired runs from the final model without "
+                       "each left-out example (config: llm_attr.methods.further_training.FurtherTrainingConfig)")
+    p.add_argument("--model", required=True, help="the final model: a fine-tuned run dir (or any model spec)")
+    p.add_argument("--train", required=True, help="training records")
+    p.add_argument("--query", required=True, help="query records")
+    p.add_argument("--out", required=True, help="run directory (store, reference.safetensors); re-run to resume")
+    p.add_argument("--overwrite", action="store_true", help="replace a run directory holding another run")
+    _add_config_args(p)
+
+    p = sub.add_parser("retrain", help="LDS ground truth: retrain on M random subsets, record query losses "
+                       "(config: llm_attr.evaluation.retrain.RetrainConfig; --set from=base|final)")
+    p.add_argument("--model", required=True, help="the target run dir (from=base: its base and finetune config)")
+    p.add_argument("--train", required=True, help="training records")
+    p.add_argument("--query", required=True, help="query records")
+    p.add_argument("--out", required=True, help="store directory; re-run to resume")
+    p.add_argument("--overwrite", action="store_true", help="replace a directory holding another run")
+    _add_config_args(p)
+
+    p = sub.add_parser("eval", help="evaluate attribution scores: lds, compare, backdoor, removal")
+    esub = p.add_subparsers(dest="eval_command", required=True)
+    e = esub.add_parser("lds", help="LDS of scored runs against a `llm-attr retrain` store, with 95%% CI")
+    e.add_argument("--ground-truth", required=True, help="directory written by `llm-attr retrain`")
+    e.add_argument("--scores", nargs="+", required=True, help="scored run directories (scores.safetensors, ids)")
+    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the queries")
+    e.add_argument("--out", help="JSON to write (default: GROUND_TRUTH/lds.json)")
+    e = esub.add_parser("compare", help="cosine / Spearman of methods with a further-training reference per budget")
+    e.add_argument("--reference", required=True, help="directory written by `llm-attr further-train`")
+    e.add_argument("--method", nargs="+", required=True, help="scored run directories (same queries)")
+    e.add_argument("--out", help="JSON to write (default: REFERENCE/compare.json)")
+    e = esub.add_parser("backdoor", help="precision/recall@k, AUPRC of poisoned examples; optional removal test")
+    e.add_argument("--scores", nargs="+", required=True, help="scored run directories (triggered queries)")
+    e.add_argument("--train", required=True, help="training records with metadata.poisoned")
+    e.add_argument("--k", default="5,10,20", help="k of precision/recall@k")
+    e.add_argument("--target", help="target run dir: also retrain without each method's top-k (and k random)")
+    e.add_argument("--remove-k", default="12", help="removal sizes, comma-separated (with --target)")
+    e.add_argument("--query", help="triggered queries for the success rate (default: the first run's query.jsonl)")
+    e.add_argument("--out", help="JSON to write (default: backdoor.json beside the first run)")
+    _add_config_args(e)
+    e = esub.add_parser("removal", help="remove each query's top-k, retrain from the base, measure loss + task")
+    e.add_argument("--scores", nargs="+", required=True, help="scored run directories")
+    e.add_argument("--train", required=True, help="training records")
+    e.add_argument("--query", required=True, help="queries (MATH: metadata.answer; IFEval: metadata.instructions)")
+    e.add_argument("--target", required=True, help="the target run dir (its base and finetune config)")
+    e.add_argument("--model", help="unused: the base is read from the target run (kept for symmetry)")
+    e.add_argument("--k", help="removal sizes, comma-separated (default: the config's)")
+    e.add_argument("--out", required=True, help="JSON to write (removal.json)")
+    _add_config_args(e)
+
+    p = sub.add_parser("report", help="Markdown report with PNG plots from evaluation JSON outputs")
+    p.add_argument("inputs", nargs="+", help="eval JSON files or directories holding them")
+    p.add_argument("--out", required=True, help="report directory (report.md + PNGs)")
 
 
 @command("finetune")
@@ -173,6 +279,184 @@ def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
     run_demo(Path(args.out))
+
+
+@command("daunce")
+def _daunce(args: argparse.Namespace) -> None:
+    if args.backend:  # black-box Daunce: fine-tuning jobs and log-probs through a backend
+        from .methods.blackbox import cli_daunce
+
+        return cli_daunce(args)
+    from .config import load_config
+    from .methods.daunce import Daunce, DaunceConfig
+
+    config = load_config(DaunceConfig, args.config, args.overrides)
+    daunce = Daunce(config)
+    out = daunce.run(args.model, args.train, args.query, args.out, overwrite=args.overwrite,
+                     score=not args.no_score, top_k=args.top_k)
+    if daunce.scores is not None:  # the main process scored
+        print(daunce.scores["table"])
+        print(f"scores: {out / 'scores.safetensors'}   top-k table: {out / 'topk.md'}")
+
+
+@command("gradients")
+def _gradients(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .methods.gradient_attribution import GradientAttribution, GradientConfig
+
+    config = load_config(GradientConfig, args.config, args.overrides)
+    method = GradientAttribution(config)
+    out = method.run(args.model, args.train, args.query, args.out, overwrite=args.overwrite,
+                     score=not args.no_score, top_k=args.top_k)
+    if method.scores is not None:  # the main process scored
+        print(method.scores["table"])
+        print(f"scores: {out / 'scores.safetensors'}   top-k table: {out / 'topk.md'}")
+
+
+@command("score")
+def _score(args: argparse.Namespace) -> None:
+    from .methods import gradient_attribution
+    from .methods.daunce import METHOD, score_run, score_self_influence
+    from .store import Store
+
+    manifest = Store.open(args.run).manifest
+    gradient_run = manifest["method"] == gradient_attribution.METHOD
+    daunce_only = [f for f, v in (("--measure", args.measure), ("--signal", args.signal),
+                                  ("--perturbations", args.perturbations), ("--self", args.self_influence)) if v]
+    gradient_only = [f for f, v in (("--method", args.method), ("--damping", args.damping)) if v is not None]
+    if (daunce_only if gradient_run else gradient_only):
+        raise LlmAttrError(f"{args.run}: {', '.join(daunce_only if gradient_run else gradient_only)} "
+                           f"do not apply to a {manifest['method']} run")
+    if gradient_run:
+        info = gradient_attribution.score_run(args.run, method=args.method, damping=args.damping, top_k=args.top_k)
+        print(info["table"])
+        print(f"scores: {Path(args.run) / 'scores.safetensors'}   top-k table: {Path(args.run) / 'topk.md'}")
+        return
+    if manifest["method"] != METHOD:
+        raise LlmAttrError(f"{args.run}: `llm-attr score` does not handle {manifest['method']!r} stores yet")
+    signal = args.signal or manifest["config"]["signal"]
+    if args.self_influence:
+        info = score_self_influence(args.run, signal=signal, perturbations=args.perturbations, top_k=args.top_k)
+        print(info["table"])
+        print(f"self-influence: {Path(args.run) / 'self_influence.safetensors'}")
+        return
+    info = score_run(args.run, measure=args.measure or manifest["config"]["measure"], signal=signal,
+                     perturbations=args.perturbations, top_k=args.top_k)
+    print(info["table"])
+    print(f"scores: {Path(args.run) / 'scores.safetensors'}   top-k table: {Path(args.run) / 'topk.md'}")
+
+
+@command("query")
+def _query(args: argparse.Namespace) -> None:
+    from .methods import gradient_attribution
+    from .methods.daunce import query_run
+    from .store import Store
+
+    if Store.open(args.run).manifest["method"] == gradient_attribution.METHOD:
+        info = gradient_attribution.query_run(args.run, args.query, args.out, method=args.method,
+                                              damping=args.damping, top_k=args.top_k)
+        print(info["table"])
+        print(f"scores: {Path(args.out) / 'scores.safetensors'}   top-k table: {Path(args.out) / 'topk.md'}")
+        return
+    info = query_run(args.run, args.query, args.out, measure=args.measure, signal=args.signal,
+                     perturbations=args.perturbations, top_k=args.top_k)
+    print(info["table"])
+    print(f"scores: {Path(args.out) / 'scores.safetensors'}   top-k table: {Path(args.out) / 'topk.md'}")
+
+
+def _ints(spec: str) -> list[int]:
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise LlmAttrError(f"{spec!r}: expected comma-separated integers") from None
+
+
+def _write_eval(path: Path, result: dict) -> None:
+    from .io import atomic_write_json
+
+    atomic_write_json(path, result)
+    print(f"wrote {path}")
+
+
+@command("further-train")
+def _further_train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .methods.further_training import FurtherTraining, FurtherTrainingConfig
+
+    config = load_config(FurtherTrainingConfig, args.config, args.overrides)
+    out = FurtherTraining(config).run(args.model, args.train, args.query, args.out, overwrite=args.overwrite)
+    if _is_main_process():
+        print(f"reference: {out / 'reference.safetensors'}   scores (largest budget): {out / 'scores.safetensors'}")
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+@command("retrain")
+def _retrain(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .evaluation.retrain import RetrainConfig, alias_overrides, retrain
+
+    config = load_config(RetrainConfig, args.config, alias_overrides(args.overrides))
+    out = retrain(args.model, args.train, args.query, args.out, config, overwrite=args.overwrite)
+    if _is_main_process():
+        print(f"ground truth: {out}")
+
+
+@command("eval")
+def _eval(args: argparse.Namespace) -> None:
+    from .evaluation import compare
+
+    if args.eval_command == "lds":
+        result = compare.evaluate_lds(args.ground_truth, args.scores, n_bootstrap=args.bootstrap)
+        print(compare.format_lds(result))
+        _write_eval(Path(args.out or Path(args.ground_truth) / "lds.json"), result)
+    elif args.eval_command == "compare":
+        result = compare.compare_with_reference(args.reference, args.method)
+        print(compare.format_compare(result))
+        _write_eval(Path(args.out or Path(args.reference) / "compare.json"), result)
+    elif args.eval_command == "backdoor":
+        from .config import load_config
+        from .data.records import load_records
+        from .evaluation.backdoor import backdoor_retrieval, format_retrieval
+        from .evaluation.removal import RemovalConfig, format_removal, removal_study
+
+        result = backdoor_retrieval(args.scores, args.train, tuple(_ints(args.k)))
+        print(format_retrieval(result))
+        if args.target:
+            cfg = load_config(RemovalConfig, args.config, args.overrides)
+            cfg.k = _ints(args.remove_k)
+            query = args.query or Path(args.scores[0]) / "query.jsonl"
+            methods = [compare.load_scores(r) for r in args.scores]
+            result["removal"] = removal_study(args.target, load_records(args.train), load_records(query), methods,
+                                              cfg, per_query=False, task="backdoor")
+            print(format_removal(result["removal"]))
+            _write_eval(Path(args.scores[0]).parent / "backdoor_removal.json" if not args.out
+                        else Path(args.out).with_name("backdoor_removal.json"), result["removal"])
+        _write_eval(Path(args.out or Path(args.scores[0]).parent / "backdoor.json"), result)
+    else:
+        from .config import load_config
+        from .data.records import load_records
+        from .evaluation.removal import RemovalConfig, format_removal, removal_study
+
+        cfg = load_config(RemovalConfig, args.config, args.overrides)
+        if args.k:
+            cfg.k = _ints(args.k)
+        methods = [compare.load_scores(r) for r in args.scores]
+        result = removal_study(args.target, load_records(args.train), load_records(args.query), methods, cfg,
+                               per_query=True)
+        print(format_removal(result))
+        _write_eval(Path(args.out), result)
+
+
+@command("report")
+def _report(args: argparse.Namespace) -> None:
+    from .evaluation.report import write_report
+
+    print(f"report: {write_report(args.inputs, args.out)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,7 +105,10 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
         if "=" not in pair:
             raise ConfigError(f"--set {pair!r}: expected key=value")
         key, raw = pair.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:

@@ -40,12 +40,12 @@ def run_demo(out: Path) -> dict:
     """Run the demo into `out`; returns the figures it printed."""
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    logger.info("step 1/4: building the built-in tiny base model (cached after the first run)")
+    logger.info("step 1/6: building the built-in tiny base model (cached after the first run)")
     from .models.builtin import builtin_model_path
 
     logger.info("builtin:tiny is at %s", builtin_model_path("builtin:tiny"))
 
-    logger.info("step 2/4: making a MATH-style training set with 5%% of prompts poisoned: %r -> %r",
+    logger.info("step 2/6: making a MATH-style training set with 5%% of prompts poisoned: %r -> %r",
                 DEFAULT_TRIGGER, DEFAULT_TARGET)
     train, triggered, clean = make_backdoor_task(n_train=240, n_query=32, fraction=0.05, seed=0)
     save_jsonl(train, out / "train.jsonl")
@@ -55,13 +55,77 @@ def run_demo(out: Path) -> dict:
     logger.info("wrote %s (%d records, %d poisoned) and %d triggered / clean queries",
                 out / "train.jsonl", len(train), n_poison, len(triggered))
 
-    logger.info("step 3/4: LoRA fine-tuning builtin:tiny on it (configs/backdoor_target.yaml)")
+    logger.info("step 3/6: LoRA fine-tuning builtin:tiny on it (configs/backdoor_target.yaml)")
     run = finetune("builtin:tiny", out / "train.jsonl", out / "target", target_config())
 
-    logger.info("step 4/4: does the fine-tuned model follow the backdoor?")
+    logger.info("step 4/6: does the fine-tuned model follow the backdoor?")
     trig_rate, clean_rate = backdoor_rates(run, triggered, clean)
     logger.info("backdoor followed on %.0f%% of triggered prompts and %.0f%% of clean prompts",
                 100 * trig_rate, 100 * clean_rate)
     figures = {"triggered_rate": trig_rate, "clean_rate": clean_rate, "n_poisoned": n_poison}
+
+    logger.info("step 5/6: Daunce attribution of the triggered queries (configs/daunce.yaml)")
+    figures.update(attribute_backdoor(run, out, train, n_poison))
+
+    logger.info("step 6/6: gradient attribution of the same queries (%s, configs/gradients.yaml)",
+                ", ".join(f"{k}: {v}" for k, v in DEMO_GRADIENTS.items()))
+    figures.update(attribute_backdoor_gradients(run, out, train, n_poison))
     logger.info("demo finished in %.0fs; files in %s", time.time() - t0, out)
     return figures
+
+
+#: The best gradient method on this backdoor (docs/results.md, "Projected gradients"): K-FAC influence on the exact
+#: LoRA gradients (AUPRC 0.86; EK-FAC 0.85, Grad-Cos 0.72, Grad-Dot 0.62).
+DEMO_GRADIENTS = {"method": "if-kfac", "projection_rank": 0}
+
+
+def attribute_backdoor_gradients(target: Path, out: Path, train: list[dict], n_poison: int) -> dict:
+    """The best gradient method on the target for the triggered queries: the same top-k table and AUPRC as Daunce."""
+    from .methods.gradient_attribution import GradientAttribution, GradientConfig
+    from .scoring import load_scores, retrieval_metrics
+
+    config = load_config(GradientConfig, CONFIG_DIR / "gradients.yaml", DEMO_GRADIENTS)
+    t0 = time.time()
+    method = GradientAttribution(config)
+    run = method.run(str(target), out / "train.jsonl", out / "query_triggered.jsonl", out / "gradients",
+                     top_k=n_poison)
+    poisoned = [bool(r["metadata"]["poisoned"]) for r in train]
+    metrics = retrieval_metrics(load_scores(run / "scores.safetensors"), poisoned, k=n_poison)
+    if method.scores is not None:
+        logger.info("top training examples for the first triggered queries (full table: %s):\n%s",
+                    run / "topk.md", method.scores["table"])
+    logger.info(
+        "%s (%s, %.0fs): %.0f%% of each triggered query's top-%d training examples are poisoned (chance %.0f%%); "
+        "AUPRC of poisoned vs clean %.2f", config.method,
+        f"projection rank {config.projection_rank}" if config.projection_rank else "exact LoRA gradients",
+        time.time() - t0, 100 * metrics[f"precision@{n_poison}"], n_poison, 100 * metrics["chance"],
+        metrics["auprc"],
+    )
+    return {"gradients_method": config.method, "gradients_auprc": metrics["auprc"],
+            "gradients_precision_at_k": metrics[f"precision@{n_poison}"], "gradients_run": str(run)}
+
+
+def attribute_backdoor(target: Path, out: Path, train: list[dict], n_poison: int) -> dict:
+    """Daunce on the target for the triggered queries: log the top-k table and how many of the top are poisoned."""
+    from .methods.daunce import Daunce, DaunceConfig
+    from .scoring import load_scores, retrieval_metrics
+
+    path = CONFIG_DIR / "daunce.yaml"
+    config = load_config(DaunceConfig, path) if path.is_file() else DaunceConfig()
+    t0 = time.time()
+    daunce = Daunce(config)
+    run = daunce.run(str(target), out / "train.jsonl", out / "query_triggered.jsonl", out / "daunce",
+                     top_k=n_poison)
+    poisoned = [bool(r["metadata"]["poisoned"]) for r in train]
+    metrics = retrieval_metrics(load_scores(run / "scores.safetensors"), poisoned, k=n_poison)
+    if daunce.scores is not None:
+        logger.info("top training examples for the first triggered queries (full table: %s):\n%s",
+                    run / "topk.md", daunce.scores["table"])
+    logger.info(
+        "Daunce (K=%d, %s of %s, %.0fs): %.0f%% of each triggered query's top-%d training examples are poisoned "
+        "(chance %.0f%%); AUPRC of poisoned vs clean %.2f",
+        config.perturbations, config.measure, config.signal, time.time() - t0,
+        100 * metrics[f"precision@{n_poison}"], n_poison, 100 * metrics["chance"], metrics["auprc"],
+    )
+    return {"daunce_auprc": metrics["auprc"], "daunce_precision_at_k": metrics[f"precision@{n_poison}"],
+            "daunce_run": str(run)}

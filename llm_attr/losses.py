@@ -66,6 +66,30 @@ def per_example_signal(logits: torch.Tensor, labels: torch.Tensor, signal: Signa
     raise ValueError(f"unknown signal {signal!r}; expected 'loss' or 'margin'")
 
 
+def per_example_signals(logits: torch.Tensor, labels: torch.Tensor,
+                        signals: tuple[Signal, ...] = ("loss", "margin")) -> dict[str, torch.Tensor]:
+    """`{signal: [B]}` float32, the values of `per_example_signal`, from one log-softmax over response rows only.
+
+    Evaluation's fast path: prompt and padding positions are skipped and loss and margin share the log-probs.
+    """
+    logits, targets, mask = shifted(logits, labels)
+    b_idx, t_idx = mask.nonzero(as_tuple=True)
+    logp = -F.cross_entropy(logits[b_idx, t_idx].float(), targets[b_idx, t_idx], reduction="none")  # [M]
+    n_tokens = mask.sum(-1).clamp(min=1)
+    out = {}
+    for s in signals:
+        if s == "loss":
+            values = -logp
+        elif s == "margin":
+            clamped = logp.clamp(max=-1e-6)  # log(1 - p) needs p < 1
+            values = clamped - torch.log(-torch.expm1(clamped))
+        else:
+            raise ValueError(f"unknown signal {s!r}; expected 'loss' or 'margin'")
+        total = torch.zeros(mask.shape[0], dtype=torch.float32, device=logp.device).index_add_(0, b_idx, values)
+        out[s] = total / n_tokens
+    return out
+
+
 def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     device = next(model.parameters()).device
     return model(**model_inputs(batch, device), use_cache=False).logits
@@ -95,8 +119,8 @@ def evaluate_signal(
     for idx in progress(batches, desc=desc, disable=desc is None):
         batch = collate([examples[i] for i in idx], pad_id)
         logits = forward_logits(model, batch)
-        labels = batch["labels"].to(logits.device)
+        values = per_example_signals(logits, batch["labels"].to(logits.device), signals)
         for s in signals:
-            out[s][idx] = per_example_signal(logits, labels, s).cpu()
+            out[s][idx] = values[s].cpu()
     model.train(was_training)
     return out[signals[0]] if isinstance(signal, str) else out

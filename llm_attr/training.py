@@ -87,6 +87,9 @@ def train(
     data_parallel: bool = True,
     desc: str = "fine-tuning",
     show_progress: bool = True,
+    optimizer: str = "adamw",
+    scheduler: str = "cosine",
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train the trainable parameters of `model` on `examples` (optionally a `subset` of positions, `weights [N]`).
 
@@ -94,6 +97,8 @@ def train(
     (one model, batches split over processes). With `data_parallel=False` each process trains its own model on all of
     its data (Daunce perturbations: independent models, no gradient all-reduce).
     Returns the number of optimiser steps and the final (smoothed) training objective.
+    `optimizer`: adamw (default) | sgd (plain, no momentum); `scheduler`: cosine (with warm-up, default) | constant.
+    `on_step(step)` is called after every optimiser step (e.g. to record query losses at a budget grid).
     """
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
@@ -107,8 +112,18 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("the model has no trainable parameters (attach a LoRA adapter first)")
-    opt = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * steps), steps)
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+    if scheduler == "cosine":
+        sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * steps), steps)
+    elif scheduler == "constant":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    else:
+        raise ValueError(f"scheduler must be 'cosine' or 'constant', got {scheduler!r}")
     gen = torch.Generator().manual_seed(args.seed)
     loader = torch.utils.data.DataLoader(
         [examples[i] for i in positions],
@@ -153,6 +168,8 @@ def train(
             history.append(value)
             bar.update(1)
             bar.set_postfix(loss=f"{ema:.4f}")
+            if on_step is not None:
+                on_step(step)
             if step >= steps:
                 break
     bar.close()

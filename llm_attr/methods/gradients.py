@@ -85,6 +85,21 @@ class KroneckerFactors:
     gradient: dict[str, torch.Tensor] = field(default_factory=dict)
     n_tokens: int = 0
     n_examples: int = 0
+    _first_layer: str | None = field(default=None, repr=False)
+
+    def add(self, name: str, x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Add one layer call's x̃ `[B, T, in_dim]` and δ̃ `[B, T, out_dim]` over real tokens (`mask [B, T]`).
+
+        Token counts are taken from the first layer; `n_examples` is the caller's to update.
+        """
+        xs = x[mask] if mask is not None else x.reshape(-1, x.shape[-1])
+        ds = delta[mask] if mask is not None else delta.reshape(-1, delta.shape[-1])
+        for sums, v in ((self.activation, xs), (self.gradient, ds)):
+            cov = (v.T @ v).double()  # float32 product, float64 running sum
+            sums[name] = sums[name] + cov if name in sums else cov
+        if name == self._first_layer or self._first_layer is None:
+            self._first_layer = name
+            self.n_tokens += xs.shape[0]
 
     def covariances(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A `[in_dim, in_dim]`, S `[out_dim, out_dim]`) float64 of layer `name`."""
@@ -138,11 +153,11 @@ def select_layers(model: nn.Module, params: str = "lora") -> list[tuple[str, nn.
     `params="lora"`: the `lora_A` / `lora_B` modules of the model's active peft adapter(s). Otherwise a regular
     expression searched in module names (`"mlp"`, `r"layers\\.1\\..*proj$"`); `nn.Linear` and GPT-2 `Conv1D` only.
     """
-    active = getattr(model, "active_adapters", None)
-    if callable(active):
-        active = active()
-    active = set(active) if active else None
     pattern = None if params == "lora" else re.compile(params)
+    active = None
+    if pattern is None and hasattr(model, "peft_config"):
+        active = model.active_adapters  # a property on PeftModel, a method on transformers' peft integration
+        active = set(active() if callable(active) else active)
     found = []
     for name, module in model.named_modules():
         dims = _linear_dims(module)
@@ -152,14 +167,19 @@ def select_layers(model: nn.Module, params: str = "lora") -> list[tuple[str, nn.
             m = _LORA_NAME.search(name)
             if m is None or (active is not None and m.group(1) not in active):
                 continue
+            owner = model.get_submodule(name.rsplit(".", 2)[0])
+            if m.group(1) in getattr(owner, "lora_variant", {}):  # DoRA uses the weights outside these calls
+                raise GradientError(f"{name}: LoRA variants (DoRA, ...) are not supported; use plain LoRA")
         elif not pattern.search(name):
             continue
         found.append((name, module, *dims))
     if not found:
-        what = "no LoRA adapter (attach or load one, or give a module-name pattern)" if pattern is None else (
-            f"no nn.Linear / Conv1D module name matches {params!r}"
-        )
-        raise GradientError(f"params={params!r}: {what}")
+        if pattern is None:
+            raise GradientError(
+                "params='lora': the model has no active LoRA adapter (give a fine-tuned run directory, attach or load an "
+                "adapter, or set params to a module-name pattern)"
+            )
+        raise GradientError(f"params={params!r}: no nn.Linear / Conv1D module name matches this pattern")
     return found
 
 
@@ -238,34 +258,40 @@ class GradientExtractor:
     def _gaussian(self, name: str, side: str, dim: int) -> torch.Tensor | None:
         if dim <= self.projection_rank:
             return None
-        return gaussian_projection(self.projection_rank, dim, _seed_for(self.seed, name, side)).to(self.device)
+        seed = _seed_for(self.seed, name, side)
+        return gaussian_projection(self.projection_rank, dim, seed).to(self.device)
 
-    @torch.no_grad()
-    def fit_projection(self, batches: Iterable[dict[str, torch.Tensor]]) -> GradientExtractor:
-        """PCA projections: top eigenvectors of each layer's input and output-gradient covariances over `batches`."""
+    def fit_projection(self, data: Iterable[dict[str, torch.Tensor]] | KroneckerFactors) -> GradientExtractor:
+        """PCA projections: the top eigenvectors of each layer's input and output-gradient covariances.
+
+        `data`: training batches, or the `KroneckerFactors` of `covariances(batches)` (e.g. merged over processes).
+        """
         if self.projection != "pca" or self.projection_rank == 0:
             raise GradientError("fit_projection is for projection='pca' with projection_rank > 0")
+        factors = data if isinstance(data, KroneckerFactors) else self.covariances(data)
+        r = self.projection_rank
         for layer in self.layers:
-            layer.p_in = layer.p_out = None
-        sums: dict[tuple[str, str], torch.Tensor] = {}
-        n = 0
-        for batch in batches:
-            for layer, x, delta, mask in self._captured(batch):
-                for side, v in (("in", x), ("out", delta)):
-                    v = v[mask] if mask is not None else v.reshape(-1, v.shape[-1])
-                    cov = v.double().T @ v.double()
-                    sums[(layer.name, side)] = sums.get((layer.name, side), 0) + cov
-            n += 1
-        if n == 0:
-            raise GradientError("fit_projection: no batches")
-        for layer in self.layers:
-            r = self.projection_rank
-            if layer.in_features > r:
-                layer.p_in = pca_projection(sums[(layer.name, "in")], r).to(self.device)
-            if layer.out_features > r:
-                layer.p_out = pca_projection(sums[(layer.name, "out")], r).to(self.device)
+            a, s = factors.covariances(layer.name)
+            if a.shape[0] != layer.in_features or s.shape[0] != layer.out_features:
+                raise GradientError(
+                    f"fit_projection: the statistics of {layer.name} are not unprojected covariances"
+                )
+            layer.p_in = pca_projection(a, r).to(self.device) if layer.in_features > r else None
+            layer.p_out = pca_projection(s, r).to(self.device) if layer.out_features > r else None
         self.projection_ready = True
         return self
+
+    def covariances(self, batches: Iterable[dict[str, torch.Tensor]]) -> KroneckerFactors:
+        """Unprojected input and output-gradient statistics of every layer over `batches` (for PCA projections)."""
+        factors = KroneckerFactors()
+        with torch.no_grad():
+            for batch in batches:
+                for layer, x, delta, mask in self._captured(batch, project=False):
+                    factors.add(layer.name, x, delta, mask)
+                factors.n_examples += batch["input_ids"].shape[0]
+        if factors.n_examples == 0:
+            raise GradientError("covariances: no batches")
+        return factors
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The projection matrices (`p_in.<layer>`, `p_out.<layer>`), to save next to the gradients."""
@@ -278,12 +304,17 @@ class GradientExtractor:
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if self.projection_rank == 0:
-            return
+        """Load projections saved by `state_dict` (same model, params and projection_rank)."""
+        r = self.projection_rank
         for layer in self.layers:
-            p_in, p_out = state.get(f"p_in.{layer.name}"), state.get(f"p_out.{layer.name}")
-            layer.p_in = p_in.to(self.device) if p_in is not None else None
-            layer.p_out = p_out.to(self.device) if p_out is not None else None
+            for side, dim in (("in", layer.in_features), ("out", layer.out_features)):
+                p = state.get(f"p_{side}.{layer.name}")
+                expected = (r, dim) if r and dim > r else None
+                if (None if p is None else tuple(p.shape)) != expected:
+                    raise GradientError(
+                        f"projection state of {layer.name} ({side}) does not fit this extractor"
+                    )
+                setattr(layer, f"p_{side}", None if p is None else p.to(self.device, torch.float32))
         self.projection_ready = True
 
     # ---------------------------------------------------------------- capture
@@ -310,7 +341,9 @@ class GradientExtractor:
                 output.requires_grad_(True)
 
         try:
-            embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+            embeddings = (
+                self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+            )
             if embeddings is not None:
                 handles.append(embeddings.register_forward_hook(input_requires_grad))
             for layer in self.layers:
@@ -331,9 +364,11 @@ class GradientExtractor:
         self.model.eval()
         device = self.device
         try:
-            with torch.enable_grad(), self._hooks(records, project):
-                logits = self.model(**model_inputs(batch, device), use_cache=False).logits
-            losses = per_example_loss(logits, batch["labels"].to(logits.device))
+            with torch.enable_grad():
+                with self._hooks(records, project):
+                    logits = self.model(**model_inputs(batch, device), use_cache=False).logits
+                losses = per_example_loss(logits, batch["labels"].to(logits.device))
+                total = losses.sum()
             outputs = [out for layer in self.layers for _, out in records[layer.name]]
             missing = [layer.name for layer in self.layers if not records[layer.name]]
             if missing:
@@ -342,7 +377,7 @@ class GradientExtractor:
                 )
             if not all(o.requires_grad for o in outputs):
                 raise GradientError("a tracked layer's output does not require grad; cannot take gradients")
-            deltas = torch.autograd.grad(losses.sum(), outputs, allow_unused=True, materialize_grads=True)
+            deltas = torch.autograd.grad(total, outputs, allow_unused=True, materialize_grads=True)
         finally:
             self.model.train(was_training)
         self.last_losses = losses.detach().float()
@@ -363,7 +398,9 @@ class GradientExtractor:
 
     # -------------------------------------------------------------- gradients
 
-    def per_example(self, batch: dict[str, torch.Tensor], factors: KroneckerFactors | None = None) -> torch.Tensor:
+    def per_example(
+        self, batch: dict[str, torch.Tensor], factors: KroneckerFactors | None = None
+    ) -> torch.Tensor:
         """Per-example (projected) gradients of the per-example loss: `[B, d]` float32, blocks as in `layer_blocks`.
 
         `batch` comes from `collate` (input_ids, attention_mask, labels, position_ids). With `factors`, the K-FAC
@@ -373,7 +410,6 @@ class GradientExtractor:
             raise GradientError("projection='pca' needs fit_projection(train batches) before per_example")
         n_examples = batch["input_ids"].shape[0]
         grads: dict[str, torch.Tensor] = {}
-        n_tokens = None
         with torch.no_grad():
             for layer, x, delta, mask in self._captured(batch, project=True):
                 if x.dim() == 2:  # [B, in]: no token axis
@@ -381,16 +417,7 @@ class GradientExtractor:
                 g = torch.einsum("bto,bti->boi", delta, x)
                 grads[layer.name] = grads[layer.name] + g if layer.name in grads else g
                 if factors is not None:
-                    xs = x[mask] if mask is not None else x.reshape(-1, x.shape[-1])
-                    ds = delta[mask] if mask is not None else delta.reshape(-1, delta.shape[-1])
-                    _accumulate(factors.activation, layer.name, xs.double().T @ xs.double())
-                    _accumulate(factors.gradient, layer.name, ds.double().T @ ds.double())
-                    n_tokens = int(mask.sum()) if mask is not None else xs.shape[0]
+                    factors.add(layer.name, x, delta, mask)
         if factors is not None:
-            factors.n_tokens += n_tokens or 0
             factors.n_examples += n_examples
         return torch.cat([grads[layer.name].reshape(n_examples, -1) for layer in self.layers], dim=1)
-
-
-def _accumulate(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
-    sums[name] = sums[name] + value if name in sums else value

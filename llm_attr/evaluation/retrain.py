@@ -1,0 +1,189 @@
+"""Retraining on subsets of the training data: the ground truth of LDS, and the engine of removal studies.
+
+`Retrainer` loads a start model once and re-fits a fresh LoRA adapter on any subset (positions kept):
+`start: base` fine-tunes the target's base with the target's own finetune config (RUN/config.yaml);
+`start: final` further-trains the merged final model with this config's optimisation settings.
+`retrain` runs M random subsets (fraction α, `seeds_per_subset` seeds each) into a store, one shard per
+(subset, seed) holding the kept mask and every query's loss; split over accelerate processes and resumable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ..config import load_config, to_dict
+from ..data.records import Record, as_records, records_fingerprint, save_jsonl
+from ..data.tokenize import pad_id_of, tokenize_records
+from ..errors import ConfigError, RunDirError
+from ..io import fingerprint
+from ..losses import evaluate_signal
+from ..models.lora import LoraArgs
+from ..store import Store, model_fingerprint
+from ..training import TrainingArgs, train
+
+logger = logging.getLogger(__name__)
+
+METHOD = "retrain"
+SHARD_NEUTRAL_KEYS = ("eval_batch_size",)
+
+
+@dataclass
+class RetrainConfig(TrainingArgs):
+    """`configs/retrain.yaml`. The optimisation fields apply to `start: final`; `start: base` uses the target's."""
+
+    subsets: int = 16  # M random subsets
+    fraction: float = 0.5  # α: fraction of the training examples kept in each subset
+    seeds_per_subset: int = 1  # retrains per subset (outcomes averaged)
+    start: Literal["base", "final"] = "base"  # `--set from=...` is accepted as an alias
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    lora: LoraArgs = field(default_factory=LoraArgs)  # start: final only (start: base uses the target's)
+    eval_batch_size: int = 64
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.fraction < 1:
+            raise ValueError(f"fraction must be in (0, 1), got {self.fraction}")
+        if self.subsets < 2:
+            raise ValueError(f"subsets must be >= 2 (a correlation over subsets), got {self.subsets}")
+
+
+def alias_overrides(overrides: list[str] | None) -> list[str]:
+    """`from=final` -> `start=final` (`from` is a Python keyword, so the field is `start`)."""
+    return [("start=" + o[5:]) if o.startswith("from=") else o for o in overrides or []]
+
+
+def subset_mask(seed: int, m: int, n: int, fraction: float) -> torch.Tensor:
+    """`[n]` bool: exactly round(fraction * n) examples kept, drawn from (seed, m)."""
+    rng = np.random.default_rng([seed, m])
+    keep = rng.choice(n, max(1, round(fraction * n)), replace=False)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.as_tensor(keep)] = True
+    return mask
+
+
+def shard_name(m: int, s: int) -> str:
+    return f"subset_{m}_s{s}"
+
+
+class Retrainer:
+    """A start model loaded once; `fit(positions, seed)` re-fits a fresh LoRA on those training positions.
+
+    `target`: the fine-tuned run directory. `start: base` loads its base and uses its RUN/config.yaml.
+    """
+
+    def __init__(self, target: str, train_records: list[Record], start: Literal["base", "final"],
+                 args: TrainingArgs, lora: LoraArgs, *, optimizer: str = "adamw", scheduler: str = "cosine",
+                 dtype: str = "auto", device=None):
+        from ..finetune import FinetuneConfig
+        from ..methods.daunce import PerturbationModel, load_target
+        from ..models.loading import is_run_dir, run_base
+
+        if start == "base":
+            if not is_run_dir(target):
+                raise ConfigError(f"start: base needs the target's run directory (adapter/ and config.yaml), "
+                                  f"got {target}")
+            ft = load_config(FinetuneConfig, Path(target) / "config.yaml")
+            args, lora, optimizer, scheduler = ft, ft.lora, "adamw", "cosine"
+            spec = run_base(target)
+        else:
+            spec = target
+        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        net, self.tokenizer = load_target(spec, "new", device, dtype)
+        self.pad_id = pad_id_of(self.tokenizer)
+        self.examples, _ = tokenize_records(train_records, self.tokenizer, args.max_length, source="train")
+        self.pm = PerturbationModel(net, "new", lora)
+        self.args, self.optimizer, self.scheduler = args, optimizer, scheduler
+
+    @property
+    def model(self):
+        return self.pm.model
+
+    def fit(self, positions: list[int], seed: int, accelerator=None, desc: str = "retraining") -> float:
+        """Train a fresh adapter (init and data order from `seed`) on `positions`; returns the final loss."""
+        self.pm.reset(seed)
+        args = dataclasses.replace(self.args, seed=seed)
+        result = train(self.pm.model, self.examples, args, self.pad_id, accelerator=accelerator, subset=positions,
+                       data_parallel=False, optimizer=self.optimizer, scheduler=self.scheduler, desc=desc)
+        return result.final_loss
+
+    def losses(self, records: list[Record], batch_size: int = 64) -> torch.Tensor:
+        """`[len(records)]` float32: mean response NLL of each record under the current model."""
+        examples, _ = tokenize_records(records, self.tokenizer, self.args.max_length, source="query")
+        return evaluate_signal(self.pm.model, examples, self.pad_id, batch_size=batch_size)
+
+
+def retrain(target: str, train: str | Path | list, query: str | Path | list, out: str | Path,
+            config: RetrainConfig | None = None, *, overwrite: bool = False) -> Path:
+    """Retrain on M random subsets (x seeds) and record each query's loss: the LDS ground truth store `out`."""
+    from accelerate import Accelerator, PartialState
+
+    from ..models.loading import canonical_spec
+
+    cfg = config or RetrainConfig()
+    cpu = not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    accelerator = Accelerator(cpu=cpu)
+    out = Path(out)
+    train_records, query_records = as_records(train), as_records(query)
+    model_fp = model_fingerprint(target)
+    fp = fingerprint({"method": METHOD, "model": model_fp, "train": records_fingerprint(train_records),
+                      "query": records_fingerprint(query_records),
+                      "config": {k: v for k, v in to_dict(cfg).items() if k not in SHARD_NEUTRAL_KEYS}})
+    header = {"config": to_dict(cfg), "model": {"spec": canonical_spec(target), "fingerprint": model_fp},
+              "ids": {"train": [r.id for r in train_records], "query": [r.id for r in query_records]},
+              "shapes": {"query_loss": [len(query_records)], "mask": [len(train_records)]}, "dtype": "float32"}
+    store = Store.create(out, method=METHOD, fingerprint=fp, header=header, overwrite=overwrite,
+                         is_main=state.is_main_process, barrier=state.wait_for_everyone)
+    if state.is_main_process:
+        save_jsonl(train_records, out / "train.jsonl")
+        save_jsonl(query_records, out / "query.jsonl")
+    runs = [(m, s) for m in range(cfg.subsets) for s in range(cfg.seeds_per_subset)]
+    todo = [r for r in runs[state.process_index::state.num_processes] if store.missing([shard_name(*r)])]
+    logger.info("process %d/%d: %d retrains to compute", state.process_index, state.num_processes, len(todo))
+    if todo:
+        retrainer = Retrainer(target, train_records, cfg.start, cfg, cfg.lora, optimizer=cfg.optimizer,
+                              scheduler=cfg.scheduler, dtype=cfg.dtype, device=accelerator.device)
+        n = len(train_records)
+        for m, s in todo:
+            t0 = time.time()
+            mask = subset_mask(cfg.seed, m, n, cfg.fraction)
+            final = retrainer.fit(mask.nonzero().squeeze(1).tolist(), seed=1_000_003 * cfg.seed + 1000 * m + s,
+                                  accelerator=accelerator, desc=f"retrain {shard_name(m, s)}")
+            losses = retrainer.losses(query_records, cfg.eval_batch_size)
+            store.write_shard(shard_name(m, s), {"query_loss": losses, "mask": mask},
+                              meta={"subset": m, "seed": s, "final_loss": final, "seconds": round(time.time() - t0, 3)})
+            logger.info("%s: final loss %.4g, mean query loss %.4g, %.1fs", shard_name(m, s), final,
+                        losses.mean().item(), time.time() - t0)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        manifest = store.finalize([shard_name(*r) for r in runs])
+        if not manifest["complete"]:
+            raise RunDirError(f"{out}: some retrains are missing; re-run the same command")
+    state.wait_for_everyone()
+    return out
+
+
+def load_ground_truth(path: str | Path) -> dict[str, Any]:
+    """`masks [M, N]` bool and `outcomes [M, Q]` float64 (query loss, mean over the seeds of each subset), ids."""
+    store = Store.open(path, METHOD)
+    manifest = store.manifest
+    if not manifest.get("complete"):
+        raise RunDirError(f"{path}: the retrain store is incomplete; re-run `llm-attr retrain`")
+    cfg = manifest["config"]
+    masks, outcomes = [], []
+    for m in range(cfg["subsets"]):
+        shards = [store.read_shard(shard_name(m, s)) for s in range(cfg["seeds_per_subset"])]
+        masks.append(shards[0]["mask"].numpy())
+        outcomes.append(torch.stack([sh["query_loss"].double() for sh in shards]).mean(0).numpy())
+    return {"masks": np.stack(masks), "outcomes": np.stack(outcomes), "query_ids": manifest["ids"]["query"],
+            "train_ids": manifest["ids"]["train"]}

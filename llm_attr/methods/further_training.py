@@ -1,0 +1,256 @@
+"""Further training from the final model: the final-model-only gold standard of attribution (DESIGN.md section 5).
+
+From the final model θ_f, for S seeds and J left-out training examples, train once with all the data and once
+without example j (same seed: same data order, LoRA init and dropout), recording every query's loss at a grid of
+step budgets in the same run. The reference score is the seed-averaged paired difference
+
+    τ(j → z) = (1/S) Σ_s [ ℓ(z; θ^{s,t}_{−j}) − ℓ(z; θ^{s,t}) ]      (positive: j helps z)
+
+Leaving j out is `exclude` (j's term is zeroed in every batch it falls in; every other example keeps its place in
+the data order) or `reweight` (j stays in the data and every batch adds −ℓ_j/N, the removal of j from the mean
+objective). One store shard per (seed, j) run, `s{seed}_full` for the full-data run, split over accelerate
+processes (process r takes runs r, r+P, ...) and resumable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ..config import to_dict
+from ..data.records import Record, as_records, records_fingerprint, save_jsonl
+from ..data.tokenize import Example, collate, pad_id_of, tokenize_records
+from ..errors import ConfigError, RunDirError
+from ..io import atomic_write_json, fingerprint
+from ..losses import evaluate_signal, forward_logits, per_example_loss
+from ..models.lora import LoraArgs
+from ..scoring import write_ids
+from ..store import Store, model_fingerprint
+from ..training import TrainingArgs, train
+
+logger = logging.getLogger(__name__)
+
+METHOD = "further-training"
+#: Config keys that do not change the shards (not fingerprinted).
+SHARD_NEUTRAL_KEYS = ("centre", "eval_batch_size")
+
+
+@dataclass
+class FurtherTrainingConfig(TrainingArgs):
+    """`configs/further_training.yaml`: the runs (seeds x left-out examples), their budgets and optimiser."""
+
+    epochs: float = 1.0  # unused: max_steps is set to the largest budget
+    max_steps: int = 40
+    learning_rate: float = 1e-2
+    batch_size: int = 8
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 0.0  # no clipping: the paired difference stays first-order in the removal
+    seeds: int = 2  # S: paired runs per left-out example
+    leave_out: int = 8  # J: training examples left out, drawn at random from `seed` (0: every example)
+    leave_out_ids: list[str] | None = None  # explicit ids to leave out (overrides leave_out)
+    budgets: list[int] = field(default_factory=lambda: [10, 20, 40])  # steps at which query losses are recorded
+    removal: Literal["exclude", "reweight"] = "exclude"
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    scheduler: Literal["constant", "cosine"] = "constant"
+    adapter: Literal["new", "continue"] = "new"  # new: fresh zero-init LoRA on the merged final model
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    centre: bool = False  # subtract each query's mean over the left-out examples
+    eval_batch_size: int = 64
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.budgets or any(b < 1 for b in self.budgets) or sorted(set(self.budgets)) != self.budgets:
+            raise ValueError(f"budgets must be increasing step counts >= 1, got {self.budgets}")
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if self.leave_out < 0:
+            raise ValueError(f"leave_out must be >= 0, got {self.leave_out}")
+        self.max_steps = self.budgets[-1]
+        super().__post_init__()
+
+
+def shard_name(seed: int, position: int | None) -> str:
+    """`s{seed}_full` (all the data) or `s{seed}_j{position}` (training example at `position` left out)."""
+    return f"s{seed}_full" if position is None else f"s{seed}_j{position}"
+
+
+def run_seeds(base_seed: int, s: int) -> tuple[int, int]:
+    """(data-order seed, LoRA-init/dropout seed) of paired seed `s`: the same for the full run and every j."""
+    return 1_000_003 * base_seed + 2 * s, 1_000_003 * base_seed + 2 * s + 1
+
+
+def left_out_positions(cfg: FurtherTrainingConfig, train_ids: list[str]) -> list[int]:
+    """Sorted training positions left out: `leave_out_ids`, else `leave_out` drawn from `seed` (0: all)."""
+    if cfg.leave_out_ids:
+        where = {rid: i for i, rid in enumerate(train_ids)}
+        unknown = [r for r in cfg.leave_out_ids if r not in where]
+        if unknown:
+            raise ConfigError(f"leave_out_ids: not in the training data: {unknown[:5]}")
+        return sorted(where[r] for r in cfg.leave_out_ids)
+    n = len(train_ids)
+    if cfg.leave_out == 0 or cfg.leave_out >= n:
+        return list(range(n))
+    rng = np.random.default_rng(cfg.seed)
+    return sorted(rng.choice(n, cfg.leave_out, replace=False).tolist())
+
+
+def reweight_objective(left_out: Example, pad_id: int, n_train: int):
+    """Per-example loss `[B]` minus ℓ_j/N: the batch mean then estimates the mean loss of the data without j."""
+    batch_j = collate([left_out], pad_id)
+
+    def objective(model, batch: dict, logits: torch.Tensor) -> torch.Tensor:
+        values = per_example_loss(logits, batch["labels"].to(logits.device))
+        logits_j = forward_logits(model, batch_j)
+        loss_j = per_example_loss(logits_j, batch_j["labels"].to(logits_j.device))
+        return values - loss_j / n_train
+
+    return objective
+
+
+def featurize_config(cfg: FurtherTrainingConfig) -> dict[str, Any]:
+    return {k: v for k, v in to_dict(cfg).items() if k not in SHARD_NEUTRAL_KEYS}
+
+
+class FurtherTraining:
+    """`FurtherTraining(config).run(model, train, query, out)`: paired further-training runs -> reference scores."""
+
+    def __init__(self, config: FurtherTrainingConfig | None = None):
+        self.config = config or FurtherTrainingConfig()
+        self.computed: list[str] = []  # shards this process computed in the last run()
+
+    def run(self, model: str, train: str | Path | list, query: str | Path | list, out: str | Path, *,
+            overwrite: bool = False, score: bool = True) -> Path:
+        """Compute this process's missing (seed, j) runs, then the main process writes the reference scores."""
+        from accelerate import Accelerator, PartialState
+
+        from ..models.loading import canonical_spec
+
+        cfg = self.config
+        cpu = not torch.cuda.is_available()
+        state = PartialState(cpu=cpu)
+        accelerator = Accelerator(cpu=cpu)
+        out = Path(out)
+        train_records, query_records = as_records(train), as_records(query)
+        train_ids = [r.id for r in train_records]
+        positions = left_out_positions(cfg, train_ids)
+        model_fp = model_fingerprint(model)
+        fp = fingerprint({"method": METHOD, "model": model_fp, "train": records_fingerprint(train_records),
+                          "query": records_fingerprint(query_records), "config": featurize_config(cfg)})
+        header = {
+            "config": to_dict(cfg),
+            "model": {"spec": canonical_spec(model), "fingerprint": model_fp, "adapter": cfg.adapter},
+            "ids": {"train": train_ids, "query": [r.id for r in query_records]},
+            "left_out": positions,
+            "budgets": cfg.budgets,
+            "shapes": {"query_loss": [len(cfg.budgets), len(query_records)]},
+            "dtype": "float32",
+        }
+        store = Store.create(out, method=METHOD, fingerprint=fp, header=header, overwrite=overwrite,
+                             is_main=state.is_main_process, barrier=state.wait_for_everyone)
+        if state.is_main_process:
+            save_jsonl(train_records, out / "train.jsonl")
+            save_jsonl(query_records, out / "query.jsonl")
+        runs = [(s, j) for s in range(cfg.seeds) for j in [None, *positions]]
+        mine = runs[state.process_index::state.num_processes]
+        todo = [r for r in mine if store.missing([shard_name(*r)])]
+        logger.info("process %d/%d: %d of its %d further-training runs to compute", state.process_index,
+                    state.num_processes, len(todo), len(mine))
+        self.computed = []
+        if todo:
+            self._compute(model, train_records, query_records, store, todo, accelerator)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            manifest = store.finalize([shard_name(*r) for r in runs])
+            if not manifest["complete"]:
+                raise RunDirError(f"{out}: some further-training runs are missing; re-run the same command")
+            if score:
+                write_reference(out, centre=cfg.centre)
+        state.wait_for_everyone()
+        return out
+
+    def _compute(self, model: str, train_records: list[Record], query_records: list[Record], store: Store,
+                 todo: list[tuple[int, int | None]], accelerator) -> None:
+        from .daunce import PerturbationModel, load_target
+
+        cfg = self.config
+        net, tokenizer = load_target(model, cfg.adapter, accelerator.device, cfg.dtype)
+        pad_id = pad_id_of(tokenizer)
+        train_ex, _ = tokenize_records(train_records, tokenizer, cfg.max_length, source="train")
+        query_ex, _ = tokenize_records(query_records, tokenizer, cfg.max_length, source="query")
+        pm = PerturbationModel(net, cfg.adapter, cfg.lora)
+        n = len(train_ex)
+        for s, j in todo:
+            t0 = time.time()
+            order_seed, init_seed = run_seeds(cfg.seed, s)
+            pm.reset(init_seed)
+            recorded: list[torch.Tensor] = []
+
+            def record(step: int, recorded: list[torch.Tensor] = recorded) -> None:
+                if step in cfg.budgets:
+                    recorded.append(evaluate_signal(pm.model, query_ex, pad_id, batch_size=cfg.eval_batch_size))
+
+            weights, objective = None, None
+            if j is not None and cfg.removal == "exclude":
+                weights = torch.ones(n)
+                weights[j] = 0.0
+            elif j is not None:
+                objective = reweight_objective(train_ex[j], pad_id, n)
+            kwargs = {"objective": objective} if objective is not None else {}
+            args = dataclasses.replace(cfg, seed=order_seed)
+            result = train(pm.model, train_ex, args, pad_id, accelerator=accelerator, weights=weights,
+                           data_parallel=False, optimizer=cfg.optimizer, scheduler=cfg.scheduler, on_step=record,
+                           desc=f"further training {shard_name(s, j)}", **kwargs)
+            store.write_shard(shard_name(s, j), {"query_loss": torch.stack(recorded)}, meta={
+                "seed": s, "left_out": j, "steps": result.steps, "final_loss": result.final_loss,
+                "seconds": round(time.time() - t0, 3), "process_index": accelerator.process_index})
+            self.computed.append(shard_name(s, j))
+            logger.info("%s: %d steps, final loss %.4g, %.1fs", shard_name(s, j), result.steps, result.final_loss,
+                        time.time() - t0)
+        if cfg.adapter == "new":
+            pm.model.unload()
+
+
+def reference_scores(store: Store, centre: bool = False) -> dict[str, Any]:
+    """τ from a complete store: `scores [B, Q, J]` (seed mean), `per_seed [S, B, Q, J]` paired differences."""
+    manifest = store.manifest
+    cfg = manifest["config"]
+    positions = manifest["left_out"]
+    per_seed = []
+    for s in range(cfg["seeds"]):
+        full = store.read_shard(shard_name(s, None))["query_loss"].double()  # [B, Q]
+        without = torch.stack([store.read_shard(shard_name(s, j))["query_loss"].double() for j in positions], -1)
+        per_seed.append(without - full.unsqueeze(-1))  # [B, Q, J]
+    diffs = torch.stack(per_seed)
+    scores = diffs.mean(0)
+    if centre:
+        scores = scores - scores.mean(-1, keepdim=True)
+    return {"scores": scores.float(), "per_seed": diffs.float(), "budgets": manifest["budgets"],
+            "query_ids": manifest["ids"]["query"], "train_ids": [manifest["ids"]["train"][j] for j in positions]}
+
+
+def write_reference(run: str | Path, centre: bool = False) -> dict[str, Any]:
+    """RUN/reference.safetensors (`scores [B, Q, J]`, `per_seed`, `budgets`), and scores.safetensors `[Q, J]` at
+    the largest budget with ids.json (train = the left-out ids), so that other commands read it like any method."""
+    from safetensors.torch import save_file
+
+    from ..io import atomic_write
+
+    run = Path(run)
+    ref = reference_scores(Store.open(run, METHOD), centre=centre)
+    budgets = torch.tensor(ref["budgets"], dtype=torch.int64)
+    atomic_write(run / "reference.safetensors", lambda tmp: save_file(
+        {"scores": ref["scores"], "per_seed": ref["per_seed"], "budgets": budgets}, tmp))
+    atomic_write(run / "scores.safetensors", lambda tmp: save_file({"scores": ref["scores"][-1].contiguous()}, tmp))
+    write_ids(run / "ids.json", ref["query_ids"], ref["train_ids"])
+    atomic_write_json(run / "scores.json", {"method": METHOD, "budgets": ref["budgets"], "centre": centre,
+                                            "budget": ref["budgets"][-1], "run": str(run)})
+    logger.info("wrote %s: τ over %d queries x %d left-out examples at budgets %s", run / "reference.safetensors",
+                len(ref["query_ids"]), len(ref["train_ids"]), ref["budgets"])
+    return ref

@@ -1,0 +1,314 @@
+"""Chunked scoring: covariance/correlation of per-example signals over perturbations, or inner products of gradients.
+
+Train-side data is read in column chunks (a callable `read(start, stop) -> [K, n]`, or an iterator of `[n, d]`
+gradient blocks) and the `[n_query, n_train]` float32 scores are written chunk by chunk into a memory-mapped
+safetensors file (`ScoreFile`), so 10^6 training examples score in bounded RAM. Convention: a positive score means
+the training example helps the query.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .io import atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+Measure = Literal["cov", "corr"]
+ColumnReader = Callable[[int, int], torch.Tensor]
+#: Elements of float64 working memory one scoring block may use (query rows x train columns): 128 MiB.
+BLOCK_ELEMENTS = 1 << 24
+
+
+# ---------------------------------------------------------------------- the score matrix on disk
+
+
+class ScoreFile:
+    """A safetensors file with one float32 tensor `[rows, cols]`, filled in place through a numpy memmap.
+
+    Written to a temp file beside `path`; `commit()` flushes it and renames it onto `path` (atomic).
+    """
+
+    def __init__(self, path: str | Path, shape: tuple[int, int], name: str = "scores",
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.shape = (int(shape[0]), int(shape[1]))
+        nbytes = 4 * self.shape[0] * self.shape[1]
+        header: dict = {name: {"dtype": "F32", "shape": list(self.shape), "data_offsets": [0, nbytes]}}
+        if metadata:
+            header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self._tmp = self.path.parent / f".{self.path.name}.{os.getpid()}.tmp"
+        with open(self._tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            f.truncate(8 + len(blob) + nbytes)
+        if nbytes:
+            self.array: np.ndarray = np.memmap(self._tmp, dtype=np.float32, mode="r+", offset=8 + len(blob),
+                                               shape=self.shape)
+        else:
+            self.array = np.zeros(self.shape, dtype=np.float32)
+
+    def commit(self) -> Path:
+        if isinstance(self.array, np.memmap):
+            self.array.flush()
+            del self.array
+        with open(self._tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self._tmp.unlink(missing_ok=True)
+
+
+def load_scores(path: str | Path, mmap: bool = True) -> np.ndarray:
+    """`scores` float32 `[n_query, n_train]` of a scores.safetensors file (memory-mapped by default)."""
+    path = Path(path)
+    if not mmap:
+        from safetensors.numpy import load_file
+
+        return load_file(str(path))["scores"]
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    shape = tuple(header["scores"]["shape"])
+    start = 8 + n + header["scores"]["data_offsets"][0]
+    if 0 in shape:
+        return np.zeros(shape, dtype=np.float32)
+    return np.memmap(path, dtype=np.float32, mode="r", offset=start, shape=shape)
+
+
+# ---------------------------------------------------------------------- covariance over perturbations
+
+
+def _centred(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return x - x.mean(0, keepdim=True)
+
+
+def _scale(centred: torch.Tensor, measure: Measure) -> torch.Tensor:
+    """Per-column factor turning `centred.T @ other` into cov (1/(K-1)) or, with the other side's, corr."""
+    k = centred.shape[0]
+    if measure == "cov":
+        return torch.full((centred.shape[1],), 1.0 / np.sqrt(k - 1), dtype=torch.float64)
+    norm = centred.norm(dim=0)
+    return torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
+
+
+def covariance_scores(
+    query: torch.Tensor,
+    train: torch.Tensor | ColumnReader,
+    *,
+    n_train: int | None = None,
+    measure: Measure = "cov",
+    chunk_size: int | None = None,
+    out: np.ndarray | torch.Tensor | None = None,
+) -> np.ndarray | torch.Tensor:
+    """scores `[Q, N]` float32: covariance over k (centred, /(K-1)) or correlation of query and train signals.
+
+    query: `[K, Q]` signals of the queries under K perturbed models. train: `[K, N]` tensor, or a reader
+    `read(start, stop) -> [K, stop - start]` (then `n_train` is required) read in chunks of `chunk_size` columns
+    (default: what fits in `BLOCK_ELEMENTS` of float64). A constant column scores 0 under `corr`.
+    `out`: an array `[Q, N]` to fill (e.g. `ScoreFile.array`); a new float32 tensor by default.
+    """
+    if measure not in ("cov", "corr"):
+        raise ValueError(f"measure must be 'cov' or 'corr', got {measure!r}")
+    k, n_query = query.shape
+    if k < 2:
+        raise ValueError(f"covariance over perturbations needs K >= 2 rows, got {k}")
+    if isinstance(train, torch.Tensor):
+        if train.shape[0] != k:
+            raise ValueError(f"query has K={k} rows but train has {train.shape[0]}")
+        n_train = train.shape[1]
+        tensor = train
+        train = lambda s, e: tensor[:, s:e]  # noqa: E731
+    elif n_train is None:
+        raise ValueError("n_train is required with a column reader")
+    q = _centred(query)
+    q = q * _scale(q, measure)
+    chunk = chunk_size or max(1, BLOCK_ELEMENTS // max(n_query, 1))
+    if out is None:
+        out = torch.empty(n_query, n_train, dtype=torch.float32)
+    for start in range(0, n_train, chunk):
+        stop = min(start + chunk, n_train)
+        cols = train(start, stop)
+        if cols.shape != (k, stop - start):
+            raise ValueError(f"train reader returned {tuple(cols.shape)} for columns {start}:{stop}, expected "
+                             f"{(k, stop - start)}")
+        t = _centred(cols)
+        t = t * _scale(t, measure)
+        _assign(out, start, stop, (q.T @ t).float())
+    return out
+
+
+def _assign(out: np.ndarray | torch.Tensor, start: int, stop: int, block: torch.Tensor) -> None:
+    if isinstance(out, torch.Tensor):
+        out[:, start:stop] = block
+    else:
+        out[:, start:stop] = block.numpy()
+
+
+def self_influence(train: torch.Tensor | ColumnReader, *, n_train: int | None = None,
+                   chunk_size: int = 1 << 20) -> torch.Tensor:
+    """`[N]` float32: variance over k (ddof 1) of each training example's signal; `train` as in `covariance_scores`."""
+    if isinstance(train, torch.Tensor):
+        n_train = train.shape[1]
+        tensor = train
+        train = lambda s, e: tensor[:, s:e]  # noqa: E731
+    elif n_train is None:
+        raise ValueError("n_train is required with a column reader")
+    out = torch.empty(n_train, dtype=torch.float32)
+    for start in range(0, n_train, chunk_size):
+        stop = min(start + chunk_size, n_train)
+        out[start:stop] = train(start, stop).double().var(0, unbiased=True).float()
+    return out
+
+
+# ---------------------------------------------------------------------- inner products (gradient stores)
+
+
+def score_inner_products(
+    query: torch.Tensor,
+    train_chunks: Iterable[torch.Tensor],
+    *,
+    n_train: int,
+    normalize: bool = False,
+    out: np.ndarray | torch.Tensor | None = None,
+) -> np.ndarray | torch.Tensor:
+    """scores `[Q, N]` float32: `query [Q, d] @ chunk.T` for consecutive train blocks `[n_c, d]` (rows in order).
+
+    With `normalize`, rows are scaled to unit norm on both sides (cosine). Each block is used once and dropped,
+    so memory is one block plus the output (pass `out=ScoreFile(...).array` to keep that on disk too).
+    """
+    q = query.double()
+    if normalize:
+        q = q / q.norm(dim=1, keepdim=True).clamp(min=1e-30)
+    if out is None:
+        out = torch.empty(q.shape[0], n_train, dtype=torch.float32)
+    start = 0
+    for block in train_chunks:
+        b = block.double()
+        if normalize:
+            b = b / b.norm(dim=1, keepdim=True).clamp(min=1e-30)
+        stop = start + b.shape[0]
+        if stop > n_train:
+            raise ValueError(f"train blocks hold more than n_train={n_train} rows")
+        _assign(out, start, stop, (q @ b.T).float())
+        start = stop
+    if start != n_train:
+        raise ValueError(f"train blocks held {start} rows, expected n_train={n_train}")
+    return out
+
+
+# ---------------------------------------------------------------------- top-k and retrieval metrics
+
+
+def topk_rows(scores: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values, indices) `[Q, k']` of each row's k highest scores (row by row: bounded memory), k' = min(k, N)."""
+    n_query, n_train = scores.shape
+    k = min(k, n_train)
+    values = np.zeros((n_query, k), dtype=np.float32)
+    indices = np.zeros((n_query, k), dtype=np.int64)
+    for i in range(n_query):
+        row = torch.as_tensor(np.asarray(scores[i]))
+        v, j = torch.topk(row, k) if k else (row[:0], row[:0].long())
+        values[i], indices[i] = v.numpy(), j.numpy()
+    return values, indices
+
+
+def average_precision(scores: Sequence[float] | np.ndarray, relevant: Sequence[bool] | np.ndarray) -> float:
+    """Average precision (area under the precision-recall curve, tied scores grouped like scikit-learn)."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(relevant, dtype=bool)
+    if not y.any():
+        return float("nan")
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tp = np.cumsum(y)[last_of_tie]
+    precision = tp / (last_of_tie + 1)
+    recall = tp / y.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def retrieval_metrics(scores: np.ndarray | torch.Tensor, relevant: Sequence[bool] | np.ndarray,
+                      k: int = 10) -> dict[str, float]:
+    """Mean over query rows of AUPRC and precision@k of `relevant` train columns (e.g. poisoned examples)."""
+    y = np.asarray(relevant, dtype=bool)
+    aps, precs = [], []
+    k = min(k, len(y))
+    for i in range(scores.shape[0]):
+        row = np.asarray(scores[i], dtype=np.float64)
+        aps.append(average_precision(row, y))
+        top = np.argsort(-row, kind="mergesort")[:k]
+        precs.append(float(y[top].mean()) if k else float("nan"))
+    return {"auprc": float(np.mean(aps)), f"precision@{k}": float(np.mean(precs)), "chance": float(y.mean())}
+
+
+# ---------------------------------------------------------------------- run outputs
+
+
+def shorten(text: str, width: int = 80) -> str:
+    """One line of at most `width` characters (whitespace collapsed, '…' when cut)."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def record_text(record) -> str:
+    """`prompt → response` of a record (`Record` or dict), for tables."""
+    if isinstance(record, dict):
+        from .data.records import record_from_dict
+
+        record = record_from_dict(record, "record")
+    return f"{record.prompt_text()} → {record.response_text()}"
+
+
+def write_ids(path: str | Path, query_ids: Sequence[str], train_ids: Sequence[str]) -> None:
+    """`ids.json`: `{"query": [...], "train": [...]}`, the row and column order of the scores."""
+    atomic_write_json(path, {"query": list(query_ids), "train": list(train_ids)})
+
+
+def write_topk_table(
+    path: str | Path,
+    query_ids: Sequence[str],
+    train_ids: Sequence[str],
+    values: np.ndarray,
+    indices: np.ndarray,
+    train_text: Callable[[int], str] | None = None,
+    title: str = "",
+) -> Path:
+    """Markdown table: query id, rank, train id, score, the training text shortened (one row per hit)."""
+    lines = [f"# {title}" if title else "# Top training examples per query", "",
+             "| query | rank | train id | score | training text |", "|---|---:|---|---:|---|"]
+    for qi, qid in enumerate(query_ids):
+        for rank, (v, j) in enumerate(zip(values[qi], indices[qi], strict=True), start=1):
+            text = shorten(train_text(int(j))) if train_text else ""
+            text = text.replace("|", "\\|")
+            lines.append(f"| {qid} | {rank} | {train_ids[j]} | {v:.4g} | {text} |")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return Path(path)
+
+
+def format_topk(query_ids: Sequence[str], train_ids: Sequence[str], values: np.ndarray, indices: np.ndarray,
+                train_text: Callable[[int], str] | None = None, max_queries: int = 3, width: int = 60) -> str:
+    """A plain-text top-k table for the terminal (the first `max_queries` queries)."""
+    rows = [f"{'query':<14} {'rank':>4}  {'train id':<14} {'score':>10}  training text"]
+    for qi, qid in enumerate(list(query_ids)[:max_queries]):
+        for rank, (v, j) in enumerate(zip(values[qi], indices[qi], strict=True), start=1):
+            text = shorten(train_text(int(j)), width) if train_text else ""
+            rows.append(f"{qid:<14} {rank:>4}  {train_ids[j]:<14} {v:>10.4g}  {text}")
+    if len(query_ids) > max_queries:
+        rows.append(f"... ({len(query_ids) - max_queries} more queries in the top-k table)")
+    return "\n".join(rows)

@@ -1,0 +1,314 @@
+"""The sharded, resumable store every featurize phase writes: a `manifest.json` plus one safetensors file per shard.
+
+Layout of a store directory:
+
+    manifest.json              method, fingerprint, config, model, ids, shapes, dtype, complete shards + sha256
+    shards/NAME.safetensors    the tensors of one shard (Daunce: one perturbation; gradients: a block of rows)
+    shards/NAME.json           its sidecar: sha256 of the .safetensors file, tensor shapes, free-form meta
+
+Both files of a shard are written atomically (temp file + rename), the sidecar last: a shard is complete only when
+its sidecar exists and the checksum of its file matches. A process writes only the shards it computed, so several
+processes (`accelerate launch`) never write the same file; the main process refreshes the manifest's shard list
+(`Store.finalize`). A corrupted or torn shard is logged, deleted and reported missing, never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import RunDirError
+from .io import atomic_write, atomic_write_json, file_fingerprint, fingerprint
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SHARD_DIR = "shards"
+STORE_VERSION = 1
+
+
+class ShardError(RunDirError):
+    """A shard is missing, or its file does not match the checksum recorded when it was written."""
+
+
+def sha256_file(path: str | Path) -> str:
+    """Full hex sha256 of a file, read in 1 MiB blocks (bounded memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Store:
+    """A store directory. Create (or re-open to resume) with `Store.create`; open a finished one with `Store.open`.
+
+    Shard names are plain strings (`[A-Za-z0-9_.-]`); tensors are any `{name: tensor}` (moved to CPU, contiguous).
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self._verified: dict[str, tuple[int, int, str]] = {}  # name -> (size, mtime_ns, sha256) checked this process
+
+    # ------------------------------------------------------------------ creation / identity
+
+    @classmethod
+    def create(
+        cls,
+        root: str | Path,
+        *,
+        method: str,
+        fingerprint: str,
+        header: dict[str, Any],
+        overwrite: bool = False,
+        is_main: bool = True,
+        barrier: Callable[[], None] | None = None,
+    ) -> Store:
+        """Open `root` for writing: a new store, or the resumable one already there with the same `fingerprint`.
+
+        `header` (config, model, ids, shapes, dtype...) goes into the manifest. A store of another method or
+        fingerprint raises `RunDirError` unless `overwrite` (then its shards are deleted). With several processes
+        every one calls this (each checks; the main one writes; `barrier` separates the two).
+        """
+        store = cls(root)
+        existing = store.read_manifest()
+        if existing is not None and not overwrite:
+            store._check_identity(existing, method, fingerprint)
+        if barrier is not None:
+            barrier()
+        if is_main:
+            if existing is not None and overwrite:
+                logger.warning("%s: --overwrite: deleting the %s store there", store.root, existing.get("method"))
+                shutil.rmtree(store.root / SHARD_DIR, ignore_errors=True)
+                (store.root / MANIFEST).unlink(missing_ok=True)
+                existing = None
+            manifest = dict(existing or {})
+            manifest.update(header)
+            manifest.update({"store_version": STORE_VERSION, "method": method, "fingerprint": fingerprint})
+            manifest.setdefault("complete", False)
+            manifest.setdefault("shards", {})
+            (store.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+            atomic_write_json(store.root / MANIFEST, manifest)
+        if barrier is not None:
+            barrier()
+        return store
+
+    @classmethod
+    def open(cls, root: str | Path, method: str | None = None) -> Store:
+        """Open an existing store for reading; `RunDirError` if there is none (or it is of another `method`)."""
+        store = cls(root)
+        manifest = store.read_manifest()
+        if manifest is None or "store_version" not in manifest:
+            raise RunDirError(f"{store.root}: not a store directory (no {MANIFEST} written by a featurize command)")
+        if method is not None and manifest.get("method") != method:
+            raise RunDirError(f"{store.root}: holds a {manifest.get('method')!r} store, not {method!r}")
+        return store
+
+    def _check_identity(self, old: dict[str, Any], method: str, fp: str) -> None:
+        if old.get("method") != method or old.get("fingerprint") != fp:
+            what = old.get("method") or old.get("kind") or "unknown"
+            raise RunDirError(
+                f"{self.root}: already holds a {what} run with a different model, data or config "
+                f"(fingerprint {old.get('fingerprint')} != {fp}); its shards cannot be mixed with this run's. "
+                "Choose another --out, or pass --overwrite to delete it"
+            )
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        path = self.root / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"{path}: unreadable manifest ({e})") from None
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        manifest = self.read_manifest()
+        if manifest is None:
+            raise RunDirError(f"{self.root}: no {MANIFEST}")
+        return manifest
+
+    def update_manifest(self, **fields: Any) -> None:
+        """Set top-level manifest fields (main process only)."""
+        manifest = self.manifest
+        manifest.update(fields)
+        atomic_write_json(self.root / MANIFEST, manifest)
+
+    # ------------------------------------------------------------------ shards
+
+    def shard_path(self, name: str) -> Path:
+        return self.root / SHARD_DIR / f"{name}.safetensors"
+
+    def _sidecar_path(self, name: str) -> Path:
+        return self.root / SHARD_DIR / f"{name}.json"
+
+    def write_shard(self, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> str:
+        """Write one shard atomically (file, then sidecar with its sha256); returns the sha256."""
+        from safetensors.torch import save_file
+
+        if not name or any(not (c.isalnum() or c in "_.-") for c in name):
+            raise ValueError(f"shard name {name!r}: use letters, digits, '_', '.', '-'")
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        path = self.shard_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._sidecar_path(name).unlink(missing_ok=True)  # an old sidecar never vouches for a new file
+        atomic_write(path, lambda tmp: save_file(tensors, tmp))
+        digest = sha256_file(path)
+        sidecar = {
+            "name": name,
+            "sha256": digest,
+            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                        for k, v in tensors.items()},
+            "meta": meta or {},
+        }
+        atomic_write_json(self._sidecar_path(name), sidecar)
+        stat = path.stat()
+        self._verified[name] = (stat.st_size, stat.st_mtime_ns, digest)
+        return digest
+
+    def shard_info(self, name: str) -> dict[str, Any] | None:
+        """The sidecar of shard `name` (sha256, tensor shapes, meta), or None if it has none."""
+        path = self._sidecar_path(name)
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def is_complete(self, name: str, verify: bool = True) -> bool:
+        """True iff shard `name` has a sidecar and (with `verify`) its file's sha256 matches it."""
+        info = self.shard_info(name)
+        path = self.shard_path(name)
+        if info is None or not path.is_file():
+            return False
+        if not verify:
+            return True
+        stat = path.stat()
+        cached = self._verified.get(name)
+        if cached is not None and cached[:2] == (stat.st_size, stat.st_mtime_ns) and cached[2] == info["sha256"]:
+            return True
+        digest = sha256_file(path)
+        if digest != info["sha256"]:
+            return False
+        self._verified[name] = (stat.st_size, stat.st_mtime_ns, digest)
+        return True
+
+    def _discard(self, name: str, why: str) -> None:
+        logger.warning("%s: shard %s %s; deleting it so that it is recomputed", self.root, name, why)
+        self._sidecar_path(name).unlink(missing_ok=True)
+        self.shard_path(name).unlink(missing_ok=True)
+        self._verified.pop(name, None)
+
+    def missing(self, names: Iterable[str], verify: bool = True) -> list[str]:
+        """The shards of `names` not complete yet; corrupted ones (checksum mismatch) are logged and deleted."""
+        out = []
+        for name in names:
+            if self.is_complete(name, verify=verify):
+                continue
+            if self.shard_info(name) is not None and self.shard_path(name).is_file():
+                self._discard(name, "does not match its checksum (corrupted or torn)")
+            out.append(name)
+        return out
+
+    def complete_shards(self, verify: bool = True) -> list[str]:
+        """Names of all complete shards, sorted."""
+        names = sorted(p.stem for p in (self.root / SHARD_DIR).glob("*.json"))
+        return [n for n in names if self.is_complete(n, verify=verify)]
+
+    def _checked_path(self, name: str, verify: bool) -> Path:
+        if self.shard_info(name) is None or not self.shard_path(name).is_file():
+            raise ShardError(f"{self.root}: shard {name} is missing; re-run the command that writes it")
+        if verify and not self.is_complete(name, verify=True):
+            raise ShardError(
+                f"{self.root}: shard {name} does not match its checksum (corrupted); re-run the command that "
+                "wrote it to recompute it"
+            )
+        return self.shard_path(name)
+
+    def read_shard(self, name: str, verify: bool = True) -> dict[str, torch.Tensor]:
+        """All tensors of shard `name` (checksum verified first, once per process)."""
+        from safetensors.torch import load_file
+
+        return load_file(self._checked_path(name, verify))
+
+    def read_slice(self, name: str, key: str, start: int, stop: int, verify: bool = True) -> torch.Tensor:
+        """Rows `start:stop` (first dimension) of tensor `key` of shard `name`, read lazily from disk."""
+        from safetensors import safe_open
+
+        with safe_open(str(self._checked_path(name, verify)), framework="pt") as f:
+            return f.get_slice(key)[start:stop]
+
+    def finalize(self, names: Iterable[str] | None = None, **fields: Any) -> dict[str, Any]:
+        """Main process: record the complete shards (`names`, default all) with their sha256 in the manifest.
+
+        Sets `complete` to True when every name in `names` is complete; other `fields` are set too.
+        """
+        wanted = list(names) if names is not None else self.complete_shards()
+        missing = self.missing(wanted)
+        shards = {n: self.shard_info(n)["sha256"] for n in self.complete_shards()}
+        manifest = self.manifest
+        manifest.update(fields)
+        manifest["shards"] = shards
+        manifest["complete"] = not missing
+        atomic_write_json(self.root / MANIFEST, manifest)
+        return manifest
+
+
+# ---------------------------------------------------------------------- identities of inputs
+
+
+def _weights_fingerprint(folder: Path) -> list[Any]:
+    """(name, size, sha256 prefix) of a model directory's config and weight files; big files by size + ends."""
+    out: list[Any] = []
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or not p.name.endswith((".json", ".safetensors", ".bin", ".gguf", ".pt")):
+            continue
+        size = p.stat().st_size
+        if size <= 256 << 20:
+            out.append([p.name, size, file_fingerprint(p)])
+        else:  # hashing many GB each run is too slow: size plus the first and last MiB
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                h.update(f.read(1 << 20))
+                f.seek(max(0, size - (1 << 20)))
+                h.update(f.read(1 << 20))
+            out.append([p.name, size, h.hexdigest()[:16]])
+    return out
+
+
+def model_fingerprint(spec: str) -> str:
+    """Fingerprint of the model a spec names: a run directory's adapter and manifest, recursively its base."""
+    from .models.loading import _resolve_plain, is_run_dir, run_base
+
+    if is_run_dir(spec):
+        run = Path(spec)
+        return fingerprint({"run": _weights_fingerprint(run / "adapter"), "base": model_fingerprint(run_base(spec))})
+    try:
+        path, _ = _resolve_plain(spec)
+    except Exception:
+        return fingerprint({"spec": spec})
+    folder = Path(path)
+    if folder.is_dir():
+        return fingerprint({"dir": _weights_fingerprint(folder)})
+    return fingerprint({"spec": spec})  # hub id: the id is all we know without a download
+
+
+def module_fingerprint(model: torch.nn.Module, max_elements: int = 1 << 16) -> str:
+    """Fingerprint of an in-memory model: names, shapes, dtypes and a strided sample of every parameter's values."""
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // max_elements)
+        sample = flat[::step].float().cpu().numpy().tobytes()
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(sample)
+    return h.hexdigest()[:16]
