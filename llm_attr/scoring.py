@@ -19,6 +19,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from .evaluation.metrics import average_precision, precision_at_k
 from .io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -228,21 +229,6 @@ def topk_rows(scores: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np
     return values, indices
 
 
-def average_precision(scores: Sequence[float] | np.ndarray, relevant: Sequence[bool] | np.ndarray) -> float:
-    """Average precision (area under the precision-recall curve, tied scores grouped like scikit-learn)."""
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(relevant, dtype=bool)
-    if not y.any():
-        return float("nan")
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    last_of_tie = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    tp = np.cumsum(y)[last_of_tie]
-    precision = tp / (last_of_tie + 1)
-    recall = tp / y.sum()
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
 def retrieval_metrics(scores: np.ndarray | torch.Tensor, relevant: Sequence[bool] | np.ndarray,
                       k: int = 10) -> dict[str, float]:
     """Mean over query rows of AUPRC and precision@k of `relevant` train columns (e.g. poisoned examples)."""
@@ -252,8 +238,7 @@ def retrieval_metrics(scores: np.ndarray | torch.Tensor, relevant: Sequence[bool
     for i in range(scores.shape[0]):
         row = np.asarray(scores[i], dtype=np.float64)
         aps.append(average_precision(row, y))
-        top = np.argsort(-row, kind="mergesort")[:k]
-        precs.append(float(y[top].mean()) if k else float("nan"))
+        precs.append(precision_at_k(row, y, k) if k else float("nan"))
     return {"auprc": float(np.mean(aps)), f"precision@{k}": float(np.mean(precs)), "chance": float(y.mean())}
 
 

@@ -14,17 +14,22 @@ def _ranking(scores: np.ndarray) -> np.ndarray:
 
 
 def average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
-    """AUPRC of one query: mean of precision@rank over the ranks of the relevant examples.
+    """AUPRC of one query: area under the precision-recall curve, tied scores grouped as scikit-learn does.
 
-    scores: [N] float; relevant: [N] bool. Equals `sklearn.metrics.average_precision_score(relevant, scores)`
-    when scores have no ties (ties are broken by index here rather than grouped).
+    scores: [N] float; relevant: [N] bool. Equals `sklearn.metrics.average_precision_score(relevant, scores)`;
+    NaN when no example is relevant.
     """
-    relevant = np.asarray(relevant, dtype=bool)
-    if relevant.sum() == 0:
-        raise ValueError("average_precision needs at least one relevant example")
-    hits = relevant[_ranking(scores)]
-    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    return float(precision[hits].mean())
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(relevant, dtype=bool)
+    if not y.any():
+        return float("nan")
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tp = np.cumsum(y)[last_of_tie]
+    precision = tp / (last_of_tie + 1)
+    recall = tp / y.sum()
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
 def precision_at_k(scores: np.ndarray, relevant: np.ndarray, k: int) -> float:
