@@ -79,28 +79,36 @@ def run_demo(out: Path) -> dict:
 DEMO_GRADIENTS = {"method": "if-kfac", "projection_rank": 0}
 
 
-def attribute_backdoor_gradients(target: Path, out: Path, train: list[dict], n_poison: int) -> dict:
-    """The best gradient method on the target for the triggered queries: the same top-k table and AUPRC as Daunce."""
-    from .methods.gradient_attribution import GradientAttribution, GradientConfig
+def _attribute(method, name: str, target: Path, out: Path, train: list[dict], n_poison: int) -> tuple[Path, dict]:
+    """Run `method` on the triggered queries into `out/name`, log its top-k table; (run, retrieval metrics)."""
     from .scoring import load_scores, retrieval_metrics
 
-    config = load_config(GradientConfig, CONFIG_DIR / "gradients.yaml", DEMO_GRADIENTS)
-    t0 = time.time()
-    method = GradientAttribution(config)
-    run = method.run(str(target), out / "train.jsonl", out / "query_triggered.jsonl", out / "gradients",
-                     top_k=n_poison)
+    run = method.run(str(target), out / "train.jsonl", out / "query_triggered.jsonl", out / name, top_k=n_poison)
     poisoned = [bool(r["metadata"]["poisoned"]) for r in train]
     metrics = retrieval_metrics(load_scores(run / "scores.safetensors"), poisoned, k=n_poison)
     if method.scores is not None:
         logger.info("top training examples for the first triggered queries (full table: %s):\n%s",
                     run / "topk.md", method.scores["table"])
+    return run, metrics
+
+
+def _log_retrieval(label: str, seconds: float, metrics: dict, n_poison: int) -> None:
     logger.info(
-        "%s (%s, %.0fs): %.0f%% of each triggered query's top-%d training examples are poisoned (chance %.0f%%); "
-        "AUPRC of poisoned vs clean %.2f", config.method,
-        f"projection rank {config.projection_rank}" if config.projection_rank else "exact LoRA gradients",
-        time.time() - t0, 100 * metrics[f"precision@{n_poison}"], n_poison, 100 * metrics["chance"],
-        metrics["auprc"],
+        "%s, %.0fs): %.0f%% of each triggered query's top-%d training examples are poisoned (chance %.0f%%); "
+        "AUPRC of poisoned vs clean %.2f", label, seconds, 100 * metrics[f"precision@{n_poison}"], n_poison,
+        100 * metrics["chance"], metrics["auprc"],
     )
+
+
+def attribute_backdoor_gradients(target: Path, out: Path, train: list[dict], n_poison: int) -> dict:
+    """The best gradient method on the target for the triggered queries: the same top-k table and AUPRC as Daunce."""
+    from .methods.gradient_attribution import GradientAttribution, GradientConfig
+
+    config = load_config(GradientConfig, CONFIG_DIR / "gradients.yaml", DEMO_GRADIENTS)
+    t0 = time.time()
+    run, metrics = _attribute(GradientAttribution(config), "gradients", target, out, train, n_poison)
+    kind = f"projection rank {config.projection_rank}" if config.projection_rank else "exact LoRA gradients"
+    _log_retrieval(f"{config.method} ({kind}", time.time() - t0, metrics, n_poison)
     return {"gradients_method": config.method, "gradients_auprc": metrics["auprc"],
             "gradients_precision_at_k": metrics[f"precision@{n_poison}"], "gradients_run": str(run)}
 
@@ -108,24 +116,12 @@ def attribute_backdoor_gradients(target: Path, out: Path, train: list[dict], n_p
 def attribute_backdoor(target: Path, out: Path, train: list[dict], n_poison: int) -> dict:
     """Daunce on the target for the triggered queries: log the top-k table and how many of the top are poisoned."""
     from .methods.daunce import Daunce, DaunceConfig
-    from .scoring import load_scores, retrieval_metrics
 
     path = CONFIG_DIR / "daunce.yaml"
     config = load_config(DaunceConfig, path) if path.is_file() else DaunceConfig()
     t0 = time.time()
-    daunce = Daunce(config)
-    run = daunce.run(str(target), out / "train.jsonl", out / "query_triggered.jsonl", out / "daunce",
-                     top_k=n_poison)
-    poisoned = [bool(r["metadata"]["poisoned"]) for r in train]
-    metrics = retrieval_metrics(load_scores(run / "scores.safetensors"), poisoned, k=n_poison)
-    if daunce.scores is not None:
-        logger.info("top training examples for the first triggered queries (full table: %s):\n%s",
-                    run / "topk.md", daunce.scores["table"])
-    logger.info(
-        "Daunce (K=%d, %s of %s, %.0fs): %.0f%% of each triggered query's top-%d training examples are poisoned "
-        "(chance %.0f%%); AUPRC of poisoned vs clean %.2f",
-        config.perturbations, config.measure, config.signal, time.time() - t0,
-        100 * metrics[f"precision@{n_poison}"], n_poison, 100 * metrics["chance"], metrics["auprc"],
-    )
+    run, metrics = _attribute(Daunce(config), "daunce", target, out, train, n_poison)
+    _log_retrieval(f"Daunce (K={config.perturbations}, {config.measure} of {config.signal}", time.time() - t0,
+                   metrics, n_poison)
     return {"daunce_auprc": metrics["auprc"], "daunce_precision_at_k": metrics[f"precision@{n_poison}"],
             "daunce_run": str(run)}
