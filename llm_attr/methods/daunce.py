@@ -217,10 +217,10 @@ class Theta0:
     adapter disabled, or the target adapter's initial weights swapped in): never a second model.
     """
 
-    def __init__(self, model, examples: list[Example], pad_id: int, reference: Callable[[], contextlib.AbstractContextManager],
-                 cache_mb: float, batch_size: int):
+    def __init__(self, model, examples: list[Example], pad_id: int,
+                 reference: Callable[[], contextlib.AbstractContextManager], cache_mb: float, batch_size: int):
         self.model, self.examples, self.pad_id, self.reference = model, examples, pad_id, reference
-        n_rows = [sum(1 for y in e.labels[1:] if y != -100) for e in examples]
+        n_rows = [sum(1 for y in e.labels[1:] if y != IGNORE_INDEX) for e in examples]
         vocab = model.get_output_embeddings().weight.shape[0]
         self.offsets = torch.tensor([0, *np.cumsum(n_rows).tolist()], dtype=torch.long)
         size_mb = 4 * int(self.offsets[-1]) * vocab / 2**20
@@ -271,8 +271,11 @@ class Theta0:
         if self.cached:
             dest = self.rows_of(index.cpu()).to(labels.device)
             return self.loss0[index], self.const0[index], lambda sl: self.probs[dest[sl]]
+        was_training = self.model.training
+        self.model.eval()  # θ₀'s outputs are deterministic (no dropout), as in the cache
         with torch.no_grad(), self.reference():
             logits0 = forward_logits(self.model, batch)
+        self.model.train(was_training)
 
         def probs0(sl: slice) -> torch.Tensor:
             return torch.softmax(logits0[rows[0][sl], rows[1][sl]].float(), dim=-1)
