@@ -10,6 +10,20 @@ import pytest
 os.environ.setdefault("LLM_ATTR_PROGRESS", "0")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads and lose much to them when the cores are shared.
+
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """builtin:tiny's directory (built on first use, ~30 s, then cached under $LLM_ATTR_CACHE)."""

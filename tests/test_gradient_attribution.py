@@ -35,12 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 SMALL = ["--set", "block_size=8", "--set", "batch_size=8", "--set", "dtype=float32"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_random_adapter(base, path: Path, seed: int) -> None:
