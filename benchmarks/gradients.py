@@ -306,7 +306,8 @@ def compare_with_kronfluence(name: str, model: Path, train: Path, query: Path, w
            "ours_peak_rss_mib": ours["peak_rss_mib"], "kronfluence_peak_rss_mib": theirs["peak_rss_mib"],
            "spearman_all": float(spearmanr(a.ravel(), b.ravel()).statistic),
            "spearman_per_query": float(np.mean([spearmanr(x, y).statistic for x, y in zip(a, b, strict=True)])),
-           "max_rel_diff": float(np.abs(a - b).max() / np.abs(b).max())}
+           "max_rel_diff": float(np.abs(a - b).max() / np.abs(b).max()),
+           "ours_scores_path": ours["scores"], "kronfluence_scores_path": theirs["scores"]}
     if relevant is not None:
         row["ours_auprc"] = retrieval_summary(a, relevant)["auprc"]
         row["kronfluence_auprc"] = retrieval_summary(b, relevant)["auprc"]

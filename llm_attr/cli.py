@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import LlmAttrError
+from .io import DISK_FULL
 
 logger = logging.getLogger("llm_attr")
 
@@ -35,6 +36,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the model directory's own code (auto_map) to run; off by default")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-attr", description="Training-data attribution for fine-tuned LLMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
@@ -46,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True, help="JSONL file or saved datasets directory")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace a run directory holding another config")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model directory")
+    _add_trust_arg(p)
     p.add_argument("--columns", help="map fields to the data's columns, e.g. prompt=question,response=answer")
     _add_config_args(p)
 
@@ -75,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="JSONL with a 'generated' field per record (default: print)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=16)
+    _add_trust_arg(p)
 
     p = sub.add_parser("demo", help="the built-in end-to-end demo: backdoor, fine-tune, attribute")
     p.add_argument("--out", default="demo_run", help="directory for the demo's files")
@@ -88,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="black-box Daunce: K fine-tuning jobs and response log-probs through this backend "
                         "(config: llm_attr.methods.blackbox.BlackBoxConfig); default: white-box Daunce")
     p.add_argument("--yes", action="store_true", help="black-box: confirm the cost estimate of paid jobs")
+    _add_trust_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace a run directory holding another run")
     p.add_argument("--no-score", action="store_true", help="only featurize (score later with `llm-attr score`)")
     p.add_argument("--top-k", type=int, default=10, help="rows per query in the top-k table")
@@ -99,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True, help="training records (JSONL or saved datasets directory)")
     p.add_argument("--query", required=True, help="query records whose behaviour to attribute")
     p.add_argument("--out", required=True, help="run directory (gradient store, scores); re-run to resume")
+    _add_trust_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace a run directory holding another run")
     p.add_argument("--no-score", action="store_true", help="only featurize (score later with `llm-attr score`)")
     p.add_argument("--top-k", type=int, default=10, help="rows per query in the top-k table")
@@ -124,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damping", type=float, help="gradient runs: absolute damping λ (default: the run's config)")
     p.add_argument("--query", required=True, help="query records (JSONL or saved datasets directory)")
     p.add_argument("--out", required=True, help="directory for scores.safetensors, ids.json, topk.md")
+    _add_trust_arg(p)
     p.add_argument("--measure", choices=["cov", "corr"], help="default: the run's config")
     p.add_argument("--signal", choices=["loss", "margin"], help="default: the run's config")
     p.add_argument("--perturbations", type=int, help="use the first K perturbations only")
@@ -140,6 +150,7 @@ def _add_evaluation_parsers(sub) -> None:
     p.add_argument("--train", required=True, help="training records")
     p.add_argument("--query", required=True, help="query records")
     p.add_argument("--out", required=True, help="run directory (store, reference.safetensors); re-run to resume")
+    _add_trust_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace a run directory holding another run")
     _add_config_args(p)
 
@@ -149,6 +160,7 @@ def _add_evaluation_parsers(sub) -> None:
     p.add_argument("--train", required=True, help="training records")
     p.add_argument("--query", required=True, help="query records")
     p.add_argument("--out", required=True, help="store directory; re-run to resume")
+    _add_trust_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace a directory holding another run")
     _add_config_args(p)
 
@@ -171,6 +183,7 @@ def _add_evaluation_parsers(sub) -> None:
     e.add_argument("--remove-k", default="12", help="removal sizes, comma-separated (with --target)")
     e.add_argument("--query", help="triggered queries for the success rate (default: the first run's query.jsonl)")
     e.add_argument("--out", help="JSON to write (default: backdoor.json beside the first run)")
+    _add_trust_arg(e)
     _add_config_args(e)
     e = esub.add_parser("removal", help="remove each query's top-k, retrain from the base, measure loss + task")
     e.add_argument("--scores", nargs="+", required=True, help="scored run directories")
@@ -180,6 +193,7 @@ def _add_evaluation_parsers(sub) -> None:
     e.add_argument("--model", help="unused: the base is read from the target run (kept for symmetry)")
     e.add_argument("--k", help="removal sizes, comma-separated (default: the config's)")
     e.add_argument("--out", required=True, help="JSON to write (removal.json)")
+    _add_trust_arg(e)
     _add_config_args(e)
 
     p = sub.add_parser("report", help="Markdown report with PNG plots from evaluation JSON outputs")
@@ -459,17 +473,31 @@ def _report(args: argparse.Namespace) -> None:
     print(f"report: {write_report(args.inputs, args.out)}")
 
 
+def one_line(message: str) -> str:
+    """An error message on one line (messages quoted from other libraries may span several)."""
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .models.loading import remote_code_trusted
     from .utils import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO)
     try:
-        COMMANDS[args.command](args)
+        with remote_code_trusted(getattr(args, "trust_remote_code", False)):
+            COMMANDS[args.command](args)
     except LlmAttrError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk is the user's to fix; other OS errors are bugs until shown otherwise
+        if args.debug or e.errno not in DISK_FULL:
+            raise
+        from .io import disk_full_message
+
+        print(f"error: {one_line(disk_full_message(e.filename or 'a write', e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -19,3 +19,7 @@ class ModelError(LlmAttrError):
 
 class RunDirError(LlmAttrError):
     """A run directory is incomplete, or belongs to a different config/model."""
+
+
+class DiskFullError(LlmAttrError):
+    """A write failed because the disk (or quota) is full; the file it replaces is left as it was."""

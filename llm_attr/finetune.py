@@ -1,13 +1,15 @@
 """`llm-attr finetune`: LoRA fine-tuning into a run directory that every later command accepts as `--model`.
 
 A run directory holds `adapter/` (peft), the tokenizer, `config.yaml` (the resolved config) and `manifest.json`
-(base model, data fingerprint, seed, final training loss).
+(base model, data fingerprint, seed, final training loss), written last: a directory without it is unfinished.
+While training, `checkpoints/` holds the state of the last `save_steps` boundary; a re-run resumes from it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +21,10 @@ from .config import save_config, to_dict
 from .data.records import Record, as_records, load_records, records_fingerprint
 from .data.tokenize import pad_id_of, tokenize_records
 from .errors import RunDirError
-from .io import atomic_write_json, fingerprint
+from .io import atomic_write_json, fingerprint, locked
 from .models.loading import load_model
 from .models.lora import LoraArgs, attach_lora
-from .training import TrainingArgs, train
+from .training import Checkpointing, TrainingArgs, train
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,16 @@ class FinetuneConfig(TrainingArgs):
     quantization: Literal["none", "4bit", "8bit"] = "none"
     dtype: str = "auto"
     attn_implementation: str | None = None
+    save_steps: int = field(default=50, metadata={"help": "optimiser steps between checkpoints (0: none); a killed "
+                                                          "run resumes from the last one"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.save_steps < 0:
+            raise ValueError(f"save_steps must be >= 0, got {self.save_steps}")
+
+
+CHECKPOINTS = "checkpoints"
 
 
 def check_run_dir(out: Path, kind: str, fp: str, overwrite: bool) -> bool:
@@ -53,6 +65,7 @@ def check_run_dir(out: Path, kind: str, fp: str, overwrite: bool) -> bool:
     return old.get("complete", False)
 
 
+@locked("finetune")
 def finetune(
     model: str,
     train_data: str | Path | list,
@@ -77,10 +90,14 @@ def finetune(
         load_records(train_data, columns=columns) if isinstance(train_data, (str, Path)) else as_records(train_data)
     )
     source = str(train_data) if isinstance(train_data, (str, Path)) else "records"
-    fp = fingerprint({"model": str(model), "data": records_fingerprint(records), "config": to_dict(config)})
+    outcome = {k: v for k, v in to_dict(config).items() if k != "save_steps"}  # what changes the adapter
+    fp = fingerprint({"model": str(model), "data": records_fingerprint(records), "config": outcome})
     if check_run_dir(out, "finetune", fp, overwrite):
         logger.info("%s: already complete, nothing to do", out)
         return out
+    if overwrite and accelerator.is_main_process:
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    accelerator.wait_for_everyone()
     t0 = time.time()
     loaded = load_model(
         model,
@@ -98,7 +115,9 @@ def finetune(
     logger.info(
         "fine-tuning %s on %d examples (%d trainable LoRA parameters)", loaded.spec, len(examples), n_trainable
     )
-    result = train(peft_model, examples, config, pad_id_of(tokenizer), accelerator=accelerator)
+    checkpoint = Checkpointing(out / CHECKPOINTS, config.save_steps, fp) if config.save_steps else None
+    result = train(peft_model, examples, config, pad_id_of(tokenizer), accelerator=accelerator,
+                   checkpoint=checkpoint)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         unwrapped = accelerator.unwrap_model(peft_model)
@@ -117,11 +136,13 @@ def finetune(
                                + report.response_tokens_lost},
                 "seed": config.seed,
                 "steps": result.steps,
+                "resumed_from_step": result.resumed_from,
                 "final_loss": result.final_loss,
                 "trainable_parameters": n_trainable,
                 "seconds": round(time.time() - t0, 2),
             },
         )
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the adapter is complete: the checkpoints are spent
         logger.info("saved %s (final training loss %.4f, %d steps)", out, result.final_loss, result.steps)
     accelerator.wait_for_everyone()
     return out

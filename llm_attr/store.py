@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from .errors import RunDirError
-from .io import atomic_write, atomic_write_json, file_fingerprint, fingerprint
+from .faults import fault_point
+from .io import atomic_write, atomic_write_json, contained_path, file_fingerprint, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,12 @@ STORE_VERSION = 1
 
 class ShardError(RunDirError):
     """A shard is missing, or its file does not match the checksum recorded when it was written."""
+
+
+def valid_shard_name(name: Any) -> bool:
+    """Shard names are plain file-name stems: letters, digits, '_', '.', '-', not starting with '.'."""
+    return isinstance(name, str) and bool(name) and not name.startswith(".") and all(
+        c.isalnum() or c in "_.-" for c in name)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -95,6 +102,9 @@ class Store:
             manifest.setdefault("complete", False)
             manifest.setdefault("shards", {})
             (store.root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+            for torn in (store.root / SHARD_DIR).glob(".*.tmp"):  # half-written by a killed run: never read
+                logger.info("removing %s, a shard a killed run did not finish writing", torn)
+                torn.unlink(missing_ok=True)
             atomic_write_json(store.root / MANIFEST, manifest)
         if barrier is not None:
             barrier()
@@ -125,9 +135,16 @@ class Store:
         if not path.is_file():
             return None
         try:
-            return json.loads(path.read_text())
+            manifest = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise RunDirError(f"{path}: unreadable manifest ({e})") from None
+        if not isinstance(manifest, dict):
+            raise RunDirError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+        for name in manifest.get("shards") or {}:  # names from a file: never trusted to stay inside the store
+            if not valid_shard_name(name):
+                raise RunDirError(f"{path}: field 'shards' names {name!r}, not a shard name (letters, digits, "
+                                  "'_', '.', '-'; no path)")
+        return manifest
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -154,13 +171,17 @@ class Store:
         """Write one shard atomically (file, then sidecar with its sha256); returns the sha256."""
         from safetensors.torch import save_file
 
-        if not name or any(not (c.isalnum() or c in "_.-") for c in name):
+        if not valid_shard_name(name):
             raise ValueError(f"shard name {name!r}: use letters, digits, '_', '.', '-'")
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         path = self.shard_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._sidecar_path(name).unlink(missing_ok=True)  # an old sidecar never vouches for a new file
-        atomic_write(path, lambda tmp: save_file(tensors, tmp))
+        def _write(tmp: str) -> None:
+            save_file(tensors, tmp)
+            fault_point("shard_write")
+
+        atomic_write(path, _write)
         digest = sha256_file(path)
         sidecar = {
             "name": name,
@@ -172,6 +193,7 @@ class Store:
         atomic_write_json(self._sidecar_path(name), sidecar)
         stat = path.stat()
         self._verified[name] = (stat.st_size, stat.st_mtime_ns, digest)
+        fault_point("shard_done")
         return digest
 
     def shard_info(self, name: str) -> dict[str, Any] | None:
@@ -225,6 +247,10 @@ class Store:
         return [n for n in names if self.is_complete(n, verify=verify)]
 
     def _checked_path(self, name: str, verify: bool) -> Path:
+        if not valid_shard_name(name):
+            raise ShardError(f"{self.root}: {name!r} is not a shard name")
+        for path in (self.shard_path(name), self._sidecar_path(name)):  # a symlink out of the store is refused
+            contained_path(self.root, str(path.relative_to(self.root)), f"{self.root}: shard {name}")
         if self.shard_info(name) is None or not self.shard_path(name).is_file():
             raise ShardError(f"{self.root}: shard {name} is missing; re-run the command that writes it")
         if verify and not self.is_complete(name, verify=True):

@@ -2,19 +2,28 @@
 
 Every method that trains (finetune, Daunce perturbations, further training, retraining for LDS) calls `train`.
 The objective is pluggable: `objective(model, batch, logits) -> [B]` per-example values, averaged with weights.
+
+The data order is a function of (seed, epoch) alone and, with `checkpoint=Checkpointing(...)`, the loop saves its
+whole state (trainable weights, optimiser moments, RNG, position in the epoch) every `every` steps as safetensors,
+so a killed run resumes where it stopped and ends bit-identical to one that was never interrupted.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from .data.tokenize import Example, collate
-from .errors import LlmAttrError
+from .errors import LlmAttrError, RunDirError
+from .faults import fault_point
+from .io import atomic_write
 from .losses import forward_logits, per_example_loss
 from .utils import progress
 
@@ -60,6 +69,107 @@ class TrainResult:
     steps: int
     final_loss: float
     loss_history: list[float] = field(default_factory=list)
+    resumed_from: int = 0  # the checkpoint's step this run started from (0: from scratch)
+
+
+@dataclass
+class Checkpointing:
+    """Save the training state to `folder` every `every` optimiser steps (and at the last); resume from it.
+
+    A checkpoint of a run with another `fingerprint` (model, data, config) is never resumed.
+    """
+
+    folder: Path
+    every: int
+    fingerprint: str
+    keep: int = 2  # per process: with several processes, one may die before writing the checkpoint another wrote
+
+
+class EpochShuffle(torch.utils.data.Sampler):
+    """A permutation of `range(n)` per epoch that depends only on (seed, epoch): a resumed run sees the same order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=gen).tolist())
+
+
+def _checkpoint_steps(ckpt: Checkpointing, rank: int) -> list[int]:
+    return sorted(int(p.stem.split("-step")[1]) for p in ckpt.folder.glob(f"rank{rank}-step*.safetensors"))
+
+
+def _save_checkpoint(ckpt: Checkpointing, rank: int, model, opt, position: dict) -> None:
+    """Write `rank{r}-step{s}.safetensors` (trainable weights, optimiser state, RNG; the position as metadata)."""
+    from safetensors.torch import save_file
+
+    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    state = opt.state_dict()
+    scalars: dict = {}
+    for i, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"opt.{i}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{i}.{key}"] = value
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    meta = {"position": json.dumps(position), "fingerprint": ckpt.fingerprint,
+            "param_groups": json.dumps(state["param_groups"]), "opt_scalars": json.dumps(scalars)}
+    step = position["step"]
+
+    def write(tmp: str) -> None:
+        save_file(tensors, tmp, metadata=meta)
+        fault_point("checkpoint_write")
+
+    atomic_write(ckpt.folder / f"rank{rank}-step{step:08d}.safetensors", write)
+    for old in _checkpoint_steps(ckpt, rank)[: -ckpt.keep]:
+        (ckpt.folder / f"rank{rank}-step{old:08d}.safetensors").unlink(missing_ok=True)
+
+
+def _load_checkpoint(ckpt: Checkpointing, rank: int, world: int, model, opt) -> dict | None:
+    """Restore the latest step that every process saved; returns its position, or None to start from scratch."""
+    from safetensors import safe_open
+
+    common = set(_checkpoint_steps(ckpt, rank))
+    for r in range(world):
+        common &= set(_checkpoint_steps(ckpt, r))
+    if not common:
+        return None
+    path = ckpt.folder / f"rank{rank}-step{max(common):08d}.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        if meta.get("fingerprint") != ckpt.fingerprint:
+            raise RunDirError(f"{path}: a checkpoint of another run (fingerprint {meta.get('fingerprint')} != "
+                              f"{ckpt.fingerprint}); delete {ckpt.folder} or choose another --out")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key.startswith("param."):
+                params[key.removeprefix("param.")].copy_(value)
+    scalars = json.loads(meta["opt_scalars"])
+    opt_state: dict = {}
+    for key, value in [*((k.removeprefix("opt."), v) for k, v in tensors.items() if k.startswith("opt.")),
+                       *scalars.items()]:
+        i, name = key.split(".", 1)
+        opt_state.setdefault(int(i), {})[name] = value
+    opt.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["param_groups"])})
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")),
+                                       key=lambda k: int(k.rsplit(".", 1)[1]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    return json.loads(meta["position"])
 
 
 def plain_objective(model, batch: dict, logits: torch.Tensor) -> torch.Tensor:
@@ -90,6 +200,7 @@ def train(
     optimizer: str = "adamw",
     scheduler: str = "cosine",
     on_step: Callable[[int], None] | None = None,
+    checkpoint: Checkpointing | None = None,
 ) -> TrainResult:
     """Train the trainable parameters of `model` on `examples` (optionally a `subset` of positions, `weights [N]`).
 
@@ -99,6 +210,7 @@ def train(
     Returns the number of optimiser steps and the final (smoothed) training objective.
     `optimizer`: adamw (default) | sgd (plain, no momentum); `scheduler`: cosine (with warm-up, default) | constant.
     `on_step(step)` is called after every optimiser step (e.g. to record query losses at a budget grid).
+    `checkpoint`: save the state every `checkpoint.every` steps and resume from the latest one found there.
     """
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
@@ -124,26 +236,43 @@ def train(
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     else:
         raise ValueError(f"scheduler must be 'cosine' or 'constant', got {scheduler!r}")
-    gen = torch.Generator().manual_seed(args.seed)
+    sampler = EpochShuffle(len(positions), args.seed)
     loader = torch.utils.data.DataLoader(
         [examples[i] for i in positions],
         batch_size=args.batch_size,
-        shuffle=True,
-        generator=gen,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(args.seed),  # the loader's own draws leave the global RNG alone
         collate_fn=lambda b: collate(b, pad_id),
         drop_last=False,
     )
+    history: list[float] = []
+    ema = None
+    step, micro, epoch, seen = 0, 0, 0, 0
+    rank = accelerator.process_index if data_parallel else 0
+    if checkpoint is not None:
+        position = _load_checkpoint(checkpoint, rank, world, model, opt)
+        if position is not None:
+            step, micro, epoch, seen = position["step"], position["micro"], position["epoch"], position["seen"]
+            ema, history = position["ema"], position["history"]
+            with warnings.catch_warnings():  # stepping the schedule without optimiser steps is the point here
+                warnings.simplefilter("ignore")
+                for _ in range(step):
+                    sched.step()
+            logger.info("resuming from the checkpoint at step %d of %d (%s)", step, steps, checkpoint.folder)
+    resumed_from = step
     if data_parallel and accelerator.num_processes > 1:
         model, opt, loader = accelerator.prepare(model, opt, loader)
     device = accelerator.device
     weights = weights.to(device) if weights is not None else None
     model.train()
-    history: list[float] = []
-    ema = None
-    step, micro = 0, 0
-    bar = progress(total=steps, desc=desc, disable=not (show_progress and accelerator.is_local_main_process))
+    bar = progress(total=steps, initial=step, desc=desc,
+                   disable=not (show_progress and accelerator.is_local_main_process))
     while step < steps:
-        for batch in loader:
+        sampler.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, seen) if seen else loader
+        finished_epoch = True
+        for batch in batches:
+            seen += 1
             with accelerator.autocast():
                 logits = forward_logits(model, batch)
                 values = objective(model, batch, logits)
@@ -170,8 +299,16 @@ def train(
             bar.set_postfix(loss=f"{ema:.4f}")
             if on_step is not None:
                 on_step(step)
+            if checkpoint is not None and (step % checkpoint.every == 0 or step >= steps):
+                position = {"step": step, "micro": micro, "epoch": epoch, "seen": seen, "ema": ema,
+                            "history": history}
+                _save_checkpoint(checkpoint, rank, accelerator.unwrap_model(model), opt, position)
+            fault_point("train_step")
             if step >= steps:
+                finished_epoch = False
                 break
+        if finished_epoch:
+            epoch, seen = epoch + 1, 0
     bar.close()
     model.eval()
-    return TrainResult(steps=step, final_loss=float(ema), loss_history=history)
+    return TrainResult(steps=step, final_loss=float(ema), loss_history=history, resumed_from=resumed_from)

@@ -291,10 +291,20 @@ def test_signals_from_token_logprobs_match_the_project_losses():
 
 
 def test_one_process_per_run_directory(tmp_path, task):
+    import subprocess
+    import sys
+
     from llm_attr.errors import RunDirError
-    from llm_attr.methods.blackbox import run_lock
 
     train, queries = task
-    with run_lock(tmp_path / "run"), pytest.raises(RunDirError, match="another llm-attr process"):
-        BlackBoxDaunce(BlackBoxConfig(perturbations=2), LocalBackend()).run("builtin:tiny", train, queries,
-                                                                           tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from llm_attr.io import run_lock\n"
+                               "with run_lock(sys.argv[1]): print('locked', flush=True); time.sleep(60)",
+                               str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirError, match=f"in use by pid {holder.pid}"):
+            BlackBoxDaunce(BlackBoxConfig(perturbations=2), LocalBackend()).run("builtin:tiny", train, queries,
+                                                                               tmp_path / "run")
+    finally:
+        holder.kill()
+        holder.wait()

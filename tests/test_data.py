@@ -1,4 +1,4 @@
-"""Records, bad input, tokenisation with response masks, truncation reports."""
+"""Records, tokenisation with response masks, truncation reports (bad input: tests/test_bad_inputs.py)."""
 
 from __future__ import annotations
 
@@ -14,41 +14,8 @@ from llm_attr.models.loading import load_tokenizer
 GOOD = {"id": "a", "prompt": "What is 2 + 3?", "response": "2 + 3 = 5. \\boxed{5}"}
 
 
-def _write(tmp_path, lines: list[str]):
-    path = tmp_path / "data.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-BAD_INPUT = [
-    # (lines, substrings the one-line error must contain: file, line/record, field)
-    (['{"id": "a", "prompt": "x", "response": "y"}', '{"id": "b", "prompt": "x", "response": '], [":2", "malformed JSON"]),
-    (['{"prompt": "x", "response": "y"}'], [":1", "'id'"]),
-    (['{"id": "a", "response": "y"}'], [":1", "'prompt'", "'a'"]),
-    (['{"id": "a", "prompt": "x"}'], [":1", "'response'"]),
-    (['{"id": "a", "prompt": "x", "response": "   "}'], [":1", "'response'", "empty"]),
-    (['{"id": "a", "prompt": "", "response": "y"}'], [":1", "'prompt'", "empty"]),
-    (['{"id": "a", "prompt": "x", "response": 3}'], [":1", "'response'", "string"]),
-    (['{"id": "a", "prompt": "x", "response": "y"}', '{"id": "a", "prompt": "z", "response": "w"}'], ["duplicate id", "'a'"]),
-    (['["not", "an", "object"]'], [":1", "JSON object"]),
-    (['{"id": "a", "messages": [{"role": "user", "content": "hi"}]}'], [":1", "'messages'", "assistant"]),
-    (['{"id": "a", "messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}'], [":1", "messages[0]"]),
-    (['{"id": "a", "prompt": "x", "response": "y", "metadata": [1]}'], [":1", "'metadata'"]),
-    (['{"id": true, "prompt": "x", "response": "y"}'], [":1", "'id'"]),
-    ([""], ["no records"]),
-]
-
-
-@pytest.mark.parametrize("lines,needles", BAD_INPUT)
-def test_bad_input_names_file_line_and_field(tmp_path, lines, needles):
-    path = _write(tmp_path, lines)
-    with pytest.raises(DataError) as err:
-        load_records(path)
-    message = str(err.value)
-    assert str(path) in message
-    assert "\n" not in message
-    for needle in needles:
-        assert needle in message, (needle, message)
+# Bad input (malformed JSON, missing or empty fields, wrong types, duplicate ids...): one table, run through the
+# CLI, in tests/test_bad_inputs.py.
 
 
 def test_jsonl_roundtrip_chat_records_and_column_mapping(tmp_path):

@@ -23,7 +23,7 @@ from ..config import load_config, to_dict
 from ..data.records import Record, as_records, records_fingerprint, save_jsonl
 from ..data.tokenize import pad_id_of, tokenize_records
 from ..errors import ConfigError, RunDirError
-from ..io import fingerprint
+from ..io import fingerprint, locked
 from ..losses import evaluate_signal
 from ..models.lora import LoraArgs
 from ..store import Store, model_fingerprint
@@ -122,6 +122,7 @@ class Retrainer:
         return evaluate_signal(self.pm.model, examples, self.pad_id, batch_size=batch_size)
 
 
+@locked("retrain")
 def retrain(target: str, train: str | Path | list, query: str | Path | list, out: str | Path,
             config: RetrainConfig | None = None, *, overwrite: bool = False) -> Path:
     """Retrain on M random subsets (x seeds) and record each query's loss: the LDS ground truth store `out`."""

@@ -12,14 +12,13 @@ interrupted before its id was written is looked up by its tag (`Backend.find_job
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +29,8 @@ from ..backends.openai_api import OpenAIBackendArgs
 from ..config import to_dict
 from ..data.records import Record, as_records, records_fingerprint, save_jsonl
 from ..errors import ConfigError, RunDirError
-from ..io import fingerprint
+from ..faults import fault_point
+from ..io import contained_path, fingerprint, run_lock
 from ..store import Store
 from .daunce import METHOD, perturbation_plan, score_run, shard_name
 
@@ -137,25 +137,18 @@ def confirm_on_terminal(estimate: CostEstimate) -> bool:
 # ---------------------------------------------------------------------- the method
 
 
-@contextlib.contextmanager
-def run_lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `out/.lock` (released by the OS if the process dies): two processes never submit
-    the same run's jobs."""
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    with open(out / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunDirError(f"{out}: another llm-attr process is running black-box Daunce here") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def check_local_jobs(jobs: dict[str, Any], work_dir: Path, manifest: Path) -> None:
+    """Refuse job records (read from `manifest`) whose job or model id leaves the local backend's `work_dir`."""
+    for k, entry in jobs.items():
+        if not isinstance(entry, dict):
+            raise RunDirError(f"{manifest}: field 'jobs.{k}' must be an object")
+        if entry.get("job_id"):
+            name = entry["job_id"]
+            if not isinstance(name, str) or len(Path(name).parts) != 1:
+                raise RunDirError(f"{manifest}: field 'jobs.{k}.job_id' ({name!r}) must be a plain job folder name")
+            contained_path(work_dir, name, f"{manifest}: field 'jobs.{k}.job_id'")
+        if entry.get("model_id"):
+            contained_path(work_dir, entry["model_id"], f"{manifest}: field 'jobs.{k}.model_id'", as_given=True)
 
 
 class BlackBoxDaunce:
@@ -196,7 +189,7 @@ class BlackBoxDaunce:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("black-box Daunce runs in one process (its jobs run in parallel on the backend); "
                               "start it without `accelerate launch`")
-        with run_lock(Path(out)):
+        with run_lock(out, "daunce (black-box)"):
             return self._run(str(model), train, query, Path(out), yes=yes, overwrite=overwrite, score=score,
                              top_k=top_k)
 
@@ -237,6 +230,8 @@ class BlackBoxDaunce:
         todo = [k for k in range(cfg.perturbations) if store.missing([shard_name(k)])]
         plans = {k: perturbation_plan(cfg.seed, k, len(train_records), cfg.subsample_ratio) for k in todo}
         jobs: dict[str, dict[str, Any]] = dict(store.manifest.get("jobs", {}))
+        if backend.name == "local":  # its job ids and model ids are paths under OUT/jobs
+            check_local_jobs(jobs, backend.work_dir, out / "manifest.json")
         tag_of = {k: f"llm-attr-{fp}-{k:05d}" for k in todo}
         for k in todo:  # adopt jobs submitted by a run killed before it could write their ids
             entry = jobs.get(str(k), {})
@@ -309,6 +304,7 @@ class BlackBoxDaunce:
         store.update_manifest(jobs=jobs)
         self.submitted.append(k)
         self._on_submitted(k, job_id)
+        fault_point("job_submitted")
 
     def _estimate(self, model: str, train_records: list[Record], query_records: list[Record], plans: dict,
                   to_submit: list[int], todo: list[int]) -> CostEstimate:

@@ -46,7 +46,7 @@ from ..config import to_dict
 from ..data.records import Record, as_records, records_fingerprint, save_jsonl
 from ..data.tokenize import IGNORE_INDEX, Example, pad_id_of, tokenize_records
 from ..errors import ConfigError, RunDirError
-from ..io import atomic_write_json, fingerprint
+from ..io import atomic_write_json, contained_path, fingerprint, locked
 from ..losses import Signal, evaluate_signal, forward_logits, per_example_loss
 from ..models.lora import LoraArgs
 from ..scoring import (
@@ -415,6 +415,7 @@ class Daunce:
     def _on_shard_written(self, k: int) -> None:
         """Called after perturbation k's shard is written (a hook for tests and progress reporting)."""
 
+    @locked("daunce")
     def run(
         self,
         model: str | Any,
@@ -603,6 +604,7 @@ def write_scores(out: Path, query_signals: torch.Tensor, run: Path, store: Store
     return info
 
 
+@locked("daunce scoring", dir_arg="run")
 def score_run(run: str | Path, *, measure: Measure = "corr", signal: Signal = "margin",
               perturbations: int | None = None, top_k: int = 10) -> dict[str, Any]:
     """Score a Daunce run's queries from its store: RUN/scores.safetensors, ids.json, topk.md, scores.json.
@@ -617,6 +619,7 @@ def score_run(run: str | Path, *, measure: Measure = "corr", signal: Signal = "m
                         {"run": str(run)})
 
 
+@locked("daunce self-influence", dir_arg="run")
 def score_self_influence(run: str | Path, *, signal: Signal = "margin", perturbations: int | None = None,
                          top_k: int = 10) -> dict[str, Any]:
     """Self-influence: variance over k of each training example's signal -> RUN/self_influence.{safetensors,md}."""
@@ -649,6 +652,7 @@ def score_self_influence(run: str | Path, *, signal: Signal = "margin", perturba
     return {"signal": signal, "perturbations": k_count, "table": "\n".join(rows), "self_influence": variance}
 
 
+@locked("daunce query")
 def query_run(run: str | Path, query: str | Path | list, out: str | Path, *, measure: Measure | None = None,
               signal: Signal | None = None, perturbations: int | None = None, top_k: int = 10,
               batch_size: int | None = None) -> dict[str, Any]:
@@ -671,6 +675,9 @@ def query_run(run: str | Path, query: str | Path | list, out: str | Path, *, mea
     measure = measure or cfg["measure"]
     signal = signal or cfg["signal"]
     k_count = _check_k(store, perturbations)
+    for k in range(k_count):  # the adapter index: each RUN/adapters/k must lie inside the run (no symlink out)
+        contained_path(run, str(adapter_dir(run, k).relative_to(run) / "adapter_model.safetensors"),
+                       f"{run}: adapter index, perturbation {k}")
     missing = [k for k in range(k_count) if not (adapter_dir(run, k) / "adapter_model.safetensors").is_file()]
     if missing:
         raise RunDirError(f"{run}: adapters of perturbations {missing[:5]} are missing (run made with "

@@ -28,7 +28,7 @@ from ..config import to_dict
 from ..data.records import Record, as_records, records_fingerprint, save_jsonl
 from ..data.tokenize import Example, collate, pad_id_of, tokenize_records
 from ..errors import ConfigError, RunDirError
-from ..io import atomic_write_json, fingerprint
+from ..io import atomic_write_json, fingerprint, locked
 from ..losses import evaluate_signal, forward_logits, per_example_loss
 from ..models.lora import LoraArgs
 from ..scoring import write_ids
@@ -125,6 +125,7 @@ class FurtherTraining:
         self.config = config or FurtherTrainingConfig()
         self.computed: list[str] = []  # shards this process computed in the last run()
 
+    @locked("further-train")
     def run(self, model: str, train: str | Path | list, query: str | Path | list, out: str | Path, *,
             overwrite: bool = False, score: bool = True) -> Path:
         """Compute this process's missing (seed, j) runs, then the main process writes the reference scores."""

@@ -37,7 +37,7 @@ from ..config import to_dict
 from ..data.records import as_records, records_fingerprint, save_jsonl
 from ..data.tokenize import Example, collate, pad_id_of, tokenize_records
 from ..errors import ConfigError, RunDirError
-from ..io import atomic_write_json, file_fingerprint, fingerprint
+from ..io import atomic_write_json, file_fingerprint, fingerprint, locked
 from ..scoring import (
     ScoreFile,
     format_topk,
@@ -193,6 +193,7 @@ class GradientAttribution:
     def _on_shard_written(self, name: str) -> None:
         """Called after each gradient or statistics shard is written (a hook for tests and progress reporting)."""
 
+    @locked("gradients")
     def run(
         self,
         model: str | Any,
@@ -604,6 +605,7 @@ def write_scores(out: Path, run: Path, store: Store, method: str, damping: float
     return info
 
 
+@locked("gradient scoring", dir_arg="run")
 def score_run(run: str | Path, *, method: str | None = None, damping: float | None = None,
               top_k: int = 10) -> dict[str, Any]:
     """Score a gradient run's queries from its store: RUN/scores.safetensors, ids.json, topk.md, scores.json.
@@ -620,6 +622,7 @@ def score_run(run: str | Path, *, method: str | None = None, damping: float | No
                         manifest["ids"]["query"], top_k, {"run": str(run)})
 
 
+@locked("gradient query")
 def query_run(run: str | Path, query: str | Path | list, out: str | Path, *, method: str | None = None,
               damping: float | None = None, top_k: int = 10, batch_size: int | None = None) -> dict[str, Any]:
     """Score new queries against a gradient run (its stored training gradients, projection and preconditioner):

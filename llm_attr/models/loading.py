@@ -6,8 +6,11 @@ folder: loading it loads the base (recursively: a run may build on a run) and me
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -15,11 +18,41 @@ from typing import Literal
 import torch
 
 from ..errors import ModelError
+from ..io import contained_path
 from .lora import load_adapter
 
 logger = logging.getLogger(__name__)
 
 Quantization = Literal["none", "4bit", "8bit"]
+
+#: Files any one of which a local model directory needs for `AutoTokenizer` to load its tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_remote_code = contextvars.ContextVar("llm_attr_trust_remote_code", default=False)
+
+
+@contextlib.contextmanager
+def remote_code_trusted(trust: bool = True) -> Iterator[None]:
+    """Within the block, every model and tokenizer load may run code from the model directory (`auto_map`).
+
+    What `--trust-remote-code` does for every command; off by default. `load_model(trust_remote_code=True)` does
+    it for one load.
+    """
+    token = _remote_code.set(trust)
+    try:
+        yield
+    finally:
+        _remote_code.reset(token)
+
+
+def _trusted(trust_remote_code: bool) -> bool:
+    return bool(trust_remote_code or _remote_code.get())
+
+
+def _remote_code_error(path: str, e: Exception) -> ModelError | None:
+    if "trust_remote_code" not in str(e):
+        return None
+    return ModelError(f"{path}: the model asks to run its own code (auto_map in its config); nothing was run. "
+                      "Pass --trust-remote-code (Python: trust_remote_code=True) if you trust its source")
 
 
 @dataclass
@@ -105,9 +138,16 @@ def load_gguf_as_plain(path: str, gguf_file: str, dtype: torch.dtype = torch.flo
 def load_tokenizer(path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    folder = Path(path)
+    if folder.is_dir() and gguf_file is None and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"{path}: no tokenizer there (none of {', '.join(TOKENIZER_FILES)}); save the "
+                         "tokenizer beside the model (tokenizer.save_pretrained)")
     try:
-        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=_trusted(trust_remote_code))
     except Exception as e:
+        remote = _remote_code_error(path, e)
+        if remote is not None:
+            raise remote from None
         raise ModelError(f"{path}: cannot load a tokenizer ({type(e).__name__}: {e})") from None
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
@@ -138,6 +178,27 @@ def _bnb_config(quantization: Quantization, compute_dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def check_causal(path: str) -> None:
+    """Refuse a local model whose config.json describes an encoder or encoder-decoder (read as JSON: runs nothing)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{config_file}: unreadable model config ({e})") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str):
+        return  # transformers says what is wrong with it
+    encoder = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.get("is_decoder")
+    if encoder or config.get("is_encoder_decoder"):
+        kind = "an encoder-decoder" if config.get("is_encoder_decoder") else "an encoder (masked LM)"
+        raise ModelError(f"{path}: a {model_type!r} model is {kind}, not a causal language model; llm_attr "
+                         "attributes decoder-only causal LMs")
+
+
 def _load_plain(
     spec: str,
     device: torch.device,
@@ -149,6 +210,8 @@ def _load_plain(
     from transformers import AutoModelForCausalLM
 
     path, gguf_file = _resolve_plain(spec)
+    if not gguf_file:
+        check_causal(path)
     kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
@@ -164,6 +227,9 @@ def _load_plain(
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except ValueError as e:
+        remote = _remote_code_error(path, e)
+        if remote is not None:
+            raise remote from None
         if "Unrecognized configuration class" in str(e) or "AutoModelForCausalLM" in str(e):
             raise ModelError(f"{path}: not a causal language model ({e.__class__.__name__}: {e})") from None
         raise ModelError(f"{path}: cannot load model ({e})") from None
@@ -209,7 +275,8 @@ def load_model(
         model = base.model
         if hasattr(model, "merge_and_unload"):  # a base that kept its own adapter (quantized chain)
             model = model.merge_and_unload() if quantization == "none" else model
-        peft_model = load_adapter(model, str(Path(spec) / "adapter"), trainable=False)
+        adapter = contained_path(spec, "adapter", f"{spec}: run directory's adapter/")
+        peft_model = load_adapter(model, str(adapter), trainable=False)
         if merge_adapters and quantization == "none":
             model = peft_model.merge_and_unload()
         else:
@@ -218,5 +285,6 @@ def load_model(
 
         tokenizer = _lt(str(spec)) if (Path(spec) / "tokenizer_config.json").is_file() else base.tokenizer
         return LoadedModel(model=model, tokenizer=tokenizer, spec=canonical_spec(spec))
-    model, tokenizer = _load_plain(spec, device, torch_dtype, quantization, attn_implementation, trust_remote_code)
+    model, tokenizer = _load_plain(spec, device, torch_dtype, quantization, attn_implementation,
+                                   _trusted(trust_remote_code))
     return LoadedModel(model=model, tokenizer=tokenizer, spec=canonical_spec(spec))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import ModelError
 
@@ -67,10 +69,24 @@ def attach_lora(model, args: LoraArgs, adapter_name: str = "default"):
 
 
 def load_adapter(model, adapter_dir: str, trainable: bool = False):
-    """Load a saved peft adapter onto `model`."""
+    """Load a saved peft adapter onto `model` from `adapter_model.safetensors` (never a pickled `.bin`)."""
     from peft import PeftModel
 
+    folder = Path(adapter_dir)
+    if not (folder / "adapter_model.safetensors").is_file():
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+            raise ModelError(f"{folder}: the adapter is a pickle (.bin/.pt), which can run code when loaded; "
+                             "llm_attr loads adapters from adapter_model.safetensors only. Convert it with "
+                             "safetensors if you trust its source")
+        raise ModelError(f"{folder}: no adapter_model.safetensors (not a saved peft adapter)")
     try:
         return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
     except Exception as e:  # shape mismatch: adapter for another base, missing files...
+        mismatches = re.findall(r"size mismatch for ([^:\s]+): copying a param with shape (torch.Size\(\[[^]]*\]\)) "
+                                r"from checkpoint, the shape in current model is (torch.Size\(\[[^]]*\]\))", str(e))
+        if mismatches:
+            name, saved, current = mismatches[0]
+            raise ModelError(f"{adapter_dir}: the adapter was trained on a base model of other shapes; "
+                             f"{len(mismatches)} tensors differ, e.g. {name}: {saved} in the adapter, {current} "
+                             "here. Load it onto the base it was trained on") from None
         raise ModelError(f"{adapter_dir}: cannot load adapter onto this base model ({type(e).__name__}: {e})") from None
