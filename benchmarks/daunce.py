@@ -129,7 +129,7 @@ def run_phase(model_spec: str, phase: str, repeats: int) -> dict:
         t0 = time.perf_counter()
         theta0 = Theta0(pm.model, examples, pad, pm.reference, cfg.theta0_cache_mb, cfg.eval_batch_size)
         out["theta0_cache_seconds"] = time.perf_counter() - t0
-        order = sorted(range(len(every)), key=lambda i: len(every[i].input_ids))
+        order = sorted(range(len(every)), key=lambda i: every[i].n_tokens)
         batches = [collate([every[i] for i in order[s:s + cfg.eval_batch_size]], pad)
                    for s in range(0, len(order), cfg.eval_batch_size)]
 

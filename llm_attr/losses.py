@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.tokenize import IGNORE_INDEX, Example, collate
+from .models.lora import merged_lora_forward
 from .utils import progress
 
 Signal = Literal["loss", "margin"]
@@ -90,9 +91,26 @@ def per_example_signals(logits: torch.Tensor, labels: torch.Tensor,
     return out
 
 
-def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def forward_logits(model, batch: dict[str, torch.Tensor], keep_last: int = 0) -> torch.Tensor:
+    """logits `[B, T, V]`; with `keep_last` only the last positions' `[B, keep_last, V]` (the lm_head and the
+    logits' memory spent where they are used; a model without transformers' `logits_to_keep` computes all)."""
     device = next(model.parameters()).device
-    return model(**model_inputs(batch, device), use_cache=False).logits
+    inputs = model_inputs(batch, device)
+    if 0 < keep_last < batch["input_ids"].shape[1]:
+        try:
+            return model(**inputs, use_cache=False, logits_to_keep=keep_last).logits[:, -keep_last:]
+        except TypeError:  # no logits_to_keep in this model's forward
+            pass
+    logits = model(**inputs, use_cache=False).logits
+    return logits[:, -keep_last:] if keep_last else logits
+
+
+def response_window(labels: torch.Tensor) -> int:
+    """How many last positions hold every response token of the batch and the position before each (`[B, T]`
+    labels, right-padded): the logits `evaluate_signal` needs."""
+    has = labels != IGNORE_INDEX
+    first = int(torch.where(has.any(1), has.float().argmax(1), labels.shape[1]).min())
+    return labels.shape[1] - max(first - 1, 0)
 
 
 @torch.no_grad()
@@ -108,18 +126,21 @@ def evaluate_signal(
     """Per-example signal of every example under `model`: `[N]` float32 in the order of `examples`.
 
     Examples are batched by length (less padding), results put back in input order. With a tuple of signals,
-    one forward pass gives all of them, returned as `{signal: [N]}`.
+    one forward pass gives all of them, returned as `{signal: [N]}`. The lm_head runs only from the batch's first
+    response token on, and LoRA layers run with their weights summed (`merged_lora_forward`).
     """
     signals = (signal,) if isinstance(signal, str) else tuple(signal)
     was_training = model.training
     model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    order = sorted(range(len(examples)), key=lambda i: examples[i].n_tokens)
     out = {s: torch.empty(len(examples), dtype=torch.float32) for s in signals}
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for idx in progress(batches, desc=desc, disable=desc is None):
         batch = collate([examples[i] for i in idx], pad_id)
-        logits = forward_logits(model, batch)
-        values = per_example_signals(logits, batch["labels"].to(logits.device), signals)
+        keep = response_window(batch["labels"])
+        with merged_lora_forward(model):
+            logits = forward_logits(model, batch, keep_last=keep)
+        values = per_example_signals(logits, batch["labels"][:, -keep:].to(logits.device), signals)
         for s in signals:
             out[s][idx] = values[s].cpu()
     model.train(was_training)

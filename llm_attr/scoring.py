@@ -83,18 +83,19 @@ class ScoreFile:
         self._tmp.unlink(missing_ok=True)
 
 
-def load_scores(path: str | Path, mmap: bool = True) -> np.ndarray:
-    """`scores` float32 `[n_query, n_train]` of a scores.safetensors file (memory-mapped by default)."""
+def load_scores(path: str | Path, mmap: bool = True, name: str = "scores") -> np.ndarray:
+    """`scores` float32 `[n_query, n_train]` of a scores.safetensors file (memory-mapped by default); `name`: the
+    tensor of another `ScoreFile` (e.g. prepared train signals)."""
     path = Path(path)
     if not mmap:
         from safetensors.numpy import load_file
 
-        return load_file(str(path))["scores"]
+        return load_file(str(path))[name]
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
-    shape = tuple(header["scores"]["shape"])
-    start = 8 + n + header["scores"]["data_offsets"][0]
+    shape = tuple(header[name]["shape"])
+    start = 8 + n + header[name]["data_offsets"][0]
     if 0 in shape:
         return np.zeros(shape, dtype=np.float32)
     return np.memmap(path, dtype=np.float32, mode="r", offset=start, shape=shape)
@@ -125,6 +126,7 @@ def covariance_scores(
     measure: Measure = "cov",
     chunk_size: int | None = None,
     out: np.ndarray | torch.Tensor | None = None,
+    prepared: bool = False,
 ) -> np.ndarray | torch.Tensor:
     """scores `[Q, N]` float32: covariance over k (centred, /(K-1)) or correlation of query and train signals.
 
@@ -132,6 +134,8 @@ def covariance_scores(
     `read(start, stop) -> [K, stop - start]` (then `n_train` is required) read in chunks of `chunk_size` columns
     (default: what fits in `BLOCK_ELEMENTS` of float64). A constant column scores 0 under `corr`.
     `out`: an array `[Q, N]` to fill (e.g. `ScoreFile.array`); a new float32 tensor by default.
+    `prepared`: `train` is already centred and scaled by `prepare_train_signals` (same `measure`): scoring is then
+    one float32 matmul per chunk.
     """
     if measure not in ("cov", "corr"):
         raise ValueError(f"measure must be 'cov' or 'corr', got {measure!r}")
@@ -158,10 +162,32 @@ def covariance_scores(
         if cols.shape != (k, stop - start):
             raise ValueError(f"train reader returned {tuple(cols.shape)} for columns {start}:{stop}, expected "
                              f"{(k, stop - start)}")
-        for sub in range(start, stop, sub_columns):  # cache-sized pieces: the elementwise passes stay in cache
-            end = min(sub + sub_columns, stop)
-            _assign(out, sub, end, qt @ _shifted_scaled(cols[:, sub - start : end - start], measure))
+        if prepared:
+            _assign(out, start, stop, qt @ cols.float())
+        else:
+            for sub in range(start, stop, sub_columns):  # cache-sized pieces: the elementwise passes stay in cache
+                end = min(sub + sub_columns, stop)
+                _assign(out, sub, end, qt @ _shifted_scaled(cols[:, sub - start : end - start], measure))
         fault_point("score_chunk")
+    return out
+
+
+def prepare_train_signals(train: torch.Tensor | ColumnReader, out: np.ndarray | torch.Tensor, *,
+                          measure: Measure, n_train: int | None = None) -> np.ndarray | torch.Tensor:
+    """Fill `out [K, N]` float32 with each training column centred over k (in float64) and scaled (corr: to unit
+    norm, 0 for a constant column; cov: by 1/sqrt(K-1)). Done once per store, it turns every later scoring pass
+    into one matmul (`covariance_scores(..., prepared=True)`); `train` as in `covariance_scores`."""
+    if isinstance(train, torch.Tensor):
+        n_train = train.shape[1]
+        tensor = train
+        train = lambda s, e: tensor[:, s:e]  # noqa: E731
+    elif n_train is None:
+        raise ValueError("n_train is required with a column reader")
+    k = out.shape[0]
+    for start in range(0, n_train, max(1, BLOCK_ELEMENTS // k)):
+        stop = min(start + max(1, BLOCK_ELEMENTS // k), n_train)
+        c = _centred(train(start, stop))
+        _assign(out, start, stop, (c * _scale(c, measure)).float())
     return out
 
 

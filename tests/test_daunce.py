@@ -176,7 +176,9 @@ def test_objective_is_zero_at_theta0_with_the_weighted_loss_gradient(tiny_target
         loss, loss0 = per_example_loss(logits, labels), per_example_loss(theta0_logits, labels)
         expected = 1.3 * (loss - loss0) - w * ((logits - theta0_logits) * dl_df).sum((1, 2))
         g_exp = torch.autograd.grad(expected.sum(), params)
-        torch.testing.assert_close(values, expected, rtol=1e-4, atol=1e-6)
+        # ℓ(θ) − ℓ(θ₀) of two fp32 losses ~2 whose θ₀ side (cached) came from other batches and padding: 1e-5 is
+        # the batch-invariance tolerance of the loss itself (test_losses)
+        torch.testing.assert_close(values, expected, rtol=1e-4, atol=1e-5)
         for a, b in zip(g_obj, g_exp, strict=True):  # θ₀'s cached softmax comes from other batches: fp32 noise
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
         # at θ₀ exactly (B = 0): objective 0 and its gradient is that of (γ − w_i)·ℓ_i
@@ -212,7 +214,8 @@ def test_run_writes_store_scores_and_index(full_run, task):
     shards = _shards(full_run)
     expected = covariance_scores(torch.stack([s["query_margin"] for s in shards]),
                                  torch.stack([s["train_margin"] for s in shards]), measure="corr")
-    assert torch.equal(scores, expected)
+    assert torch.allclose(scores, expected, atol=1e-6)  # the run scores against its prepared (centred) signals
+    assert (full_run / "prepared" / "train_margin_corr_K4.safetensors").is_file()
 
 
 def test_kill_and_resume_equals_uninterrupted(full_run, task, tmp_path, monkeypatch):
@@ -250,7 +253,7 @@ def test_rerun_rules_mismatch_corruption_and_more_k(full_run, task, tmp_path, ca
     shards = _shards(full_run)
     expected = covariance_scores(torch.stack([s["query_loss"] for s in shards]),
                                  torch.stack([s["train_loss"] for s in shards]), measure="cov")
-    assert torch.equal(_scores(out), expected)
+    assert torch.allclose(_scores(out), expected, atol=1e-6)
     # a corrupted shard is detected, logged and recomputed (identically)
     path = out / "shards" / f"{shard_name(1)}.safetensors"
     data = bytearray(path.read_bytes())
@@ -279,7 +282,7 @@ def test_cli_score_self_and_query_reproduce_the_run(full_run, task, tmp_path, ca
     shards = _shards(full_run)[:3]
     expected = covariance_scores(torch.stack([s["query_loss"] for s in shards]),
                                  torch.stack([s["train_loss"] for s in shards]), measure="cov")
-    assert torch.equal(_scores(run), expected)
+    assert torch.allclose(_scores(run), expected, atol=1e-6)
     assert main(["score", str(run), "--self"]) == 0
     var = load_file(str(run / "self_influence.safetensors"))["self_influence"]
     margins = torch.stack([s["train_margin"] for s in _shards(full_run)]).double()

@@ -51,3 +51,33 @@ def test_loss_is_identical_whatever_the_batch_size_or_padding_side(tiny_model_di
         assert torch.allclose(evaluate_signal(model, examples, tok.pad_token_id, batch_size=bs), alone, atol=1e-5)
     both = evaluate_signal(model, examples, tok.pad_token_id, batch_size=4, signal=("loss", "margin"))
     assert torch.allclose(both["loss"], alone, atol=1e-5) and both["margin"].shape == (12,)
+
+
+def test_fast_evaluation_equals_the_plain_lora_forward(tiny_model_dir):
+    """evaluate_signal's summed LoRA weights and response-only lm_head give the plain forward's values, on a Llama
+    (Linear) and a GPT-2 (Conv1D, fan_in_fan_out), with several adapters active and nothing left patched."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from llm_attr.models.lora import LoraArgs, attach_lora, merged_lora_forward
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples, _ = tokenize_records(as_records(make_math(10, seed=5)), tok)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2))
+    for base in (load_model("builtin:tiny", device="cpu").model, gpt2):
+        torch.manual_seed(0)
+        model = attach_lora(base, LoraArgs(rank=4, dropout=0.1))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)  # a trained-looking adapter: B != 0
+        model.eval()
+        with torch.no_grad():
+            want = {s: torch.cat([per_example_signal(forward_logits(model, b), b["labels"], s)
+                                  for b in (collate([e], tok.pad_token_id) for e in examples)])
+                    for s in ("loss", "margin")}
+        got = evaluate_signal(model, examples, tok.pad_token_id, batch_size=4, signal=("loss", "margin"))
+        for s in want:
+            assert torch.allclose(got[s], want[s], atol=1e-5), (type(base).__name__, s)
+        with merged_lora_forward(model):
+            assert sum("forward" in vars(m) for m in model.modules()) == (8 if base is gpt2 else 14)  # every LoRA layer
+        assert not any("forward" in vars(m) for m in model.modules())  # the patch is gone

@@ -159,7 +159,7 @@ class LocalBackend(Backend):
         with self._lock:
             _, tokenizer, _ = self._load(base_model_id)
             examples, _ = tokenize_records(as_records(list(records)), tokenizer, self.args.max_length)
-        return [len(e.input_ids) for e in examples], True
+        return [e.n_tokens for e in examples], True
 
     # ------------------------------------------------------------------ the model
 

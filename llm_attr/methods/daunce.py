@@ -54,6 +54,8 @@ from ..scoring import (
     ScoreFile,
     covariance_scores,
     format_topk,
+    load_scores,
+    prepare_train_signals,
     record_text,
     self_influence,
     topk_rows,
@@ -244,7 +246,7 @@ class Theta0:
         self.const0 = torch.empty(n, dtype=torch.float32, device=device)
         was_training = self.model.training
         self.model.eval()
-        order = sorted(range(n), key=lambda i: len(self.examples[i].input_ids))
+        order = sorted(range(n), key=lambda i: self.examples[i].n_tokens)
         for s in range(0, n, batch_size):
             idx = order[s : s + batch_size]
             batch = collate([self.examples[i] for i in idx], self.pad_id)
@@ -572,20 +574,48 @@ def _train_texts(run: Path, indices: set[int]) -> dict[int, str]:
     return out
 
 
-def write_scores(out: Path, query_signals: torch.Tensor, run: Path, store: Store, k_count: int, signal: str,
-                 measure: Measure, query_ids: list[str], top_k: int, meta: dict[str, Any]) -> dict[str, Any]:
-    """Score `query_signals [K, Q]` against the store's train signals into `out`: scores, ids, top-k table."""
-    train_ids = store.manifest["ids"]["train"]
+def prepared_train_signals(store: Store, k_count: int, signal: str, measure: Measure) -> np.ndarray:
+    """`[K, N]` float32 memory-mapped: the first `k_count` shards' train signals centred and scaled for `measure`
+    (`scoring.prepare_train_signals`), computed once and kept in RUN/prepared/ (as large as the signals it
+    prepares), keyed by the shards' checksums so that a recomputed shard is never scored with stale data."""
     names = [shard_name(k) for k in range(k_count)]
+    n_train = len(store.manifest["ids"]["train"])
+    key = fingerprint([store.shard_info(n)["sha256"] for n in names])
+    path = store.root / "prepared" / f"train_{signal}_{measure}_K{k_count}.safetensors"
+    if path.is_file():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="np") as f:
+                if (f.metadata() or {}).get("key") == key:
+                    return load_scores(path, name="signals")
+        except Exception as e:  # a torn or foreign file: prepare it again
+            logger.warning("%s: unreadable (%s); preparing it again", path, e)
 
     def read(start: int, stop: int) -> torch.Tensor:
         return torch.stack([store.read_slice(n, f"train_{signal}", start, stop) for n in names])
 
+    sf = ScoreFile(path, (k_count, n_train), name="signals", metadata={"key": key, "measure": measure})
+    try:
+        prepare_train_signals(read, sf.array, measure=measure, n_train=n_train)
+    except BaseException:
+        sf.abort()
+        raise
+    sf.commit()
+    return load_scores(path, name="signals")
+
+
+def write_scores(out: Path, query_signals: torch.Tensor, run: Path, store: Store, k_count: int, signal: str,
+                 measure: Measure, query_ids: list[str], top_k: int, meta: dict[str, Any]) -> dict[str, Any]:
+    """Score `query_signals [K, Q]` against the store's train signals into `out`: scores, ids, top-k table."""
+    train_ids = store.manifest["ids"]["train"]
     t0 = time.time()
+    prepared = prepared_train_signals(store, k_count, signal, measure)
     sf = ScoreFile(out / "scores.safetensors", (len(query_ids), len(train_ids)),
                    metadata={"measure": measure, "signal": signal, "perturbations": k_count})
     try:
-        covariance_scores(query_signals, read, n_train=len(train_ids), measure=measure, out=sf.array)
+        covariance_scores(query_signals, lambda s, e: torch.from_numpy(np.ascontiguousarray(prepared[:, s:e])),
+                          n_train=len(train_ids), measure=measure, out=sf.array, prepared=True)
         values, indices = topk_rows(sf.array, top_k)
     except BaseException:
         sf.abort()

@@ -319,7 +319,7 @@ class GradientAttribution:
 
     def _batches(self, examples: list[Example], pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
         """Length-sorted batches of `examples`; `batch["index"]` holds positions in `examples`."""
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+        order = sorted(range(len(examples)), key=lambda i: examples[i].n_tokens)
         for s in range(0, len(order), self.config.batch_size):
             idx = order[s : s + self.config.batch_size]
             batch = collate([examples[i] for i in idx], pad_id)
