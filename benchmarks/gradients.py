@@ -137,7 +137,7 @@ def throughput(run: Path, n: int, batch_size: int, reps: int, rows: list[tuple[s
     model, tok = loaded.model.eval(), loaded.tokenizer
     records = load_records(math_files(run.parent, n, 4)[0])
     examples, _ = tokenize_records(records, tok, 256)
-    examples.sort(key=lambda e: e.n_tokens)
+    examples = sorted(examples, key=lambda e: e.n_tokens)
     pad = pad_id_of(tok)
     batches = [collate(examples[i : i + batch_size], pad) for i in range(0, n, batch_size)]
     n_tokens = sum(e.n_tokens for e in examples)

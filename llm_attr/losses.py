@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .data.tokenize import IGNORE_INDEX, Example, collate
+from .data.tokenize import IGNORE_INDEX, Example, collate, token_lengths
 from .models.lora import merged_lora_forward
 from .utils import progress
 
@@ -132,7 +132,7 @@ def evaluate_signal(
     signals = (signal,) if isinstance(signal, str) else tuple(signal)
     was_training = model.training
     model.eval()
-    order = sorted(range(len(examples)), key=lambda i: examples[i].n_tokens)
+    order = sorted(range(len(examples)), key=token_lengths(examples).__getitem__)
     out = {s: torch.empty(len(examples), dtype=torch.float32) for s in signals}
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for idx in progress(batches, desc=desc, disable=desc is None):

@@ -32,6 +32,9 @@ BLOCK_ELEMENTS = 1 << 24
 #: Elements of training signals prepared at once inside a block (256 KiB of float32): the elementwise passes
 #: (shift, norms, scaling) then run in cache rather than over the whole block in memory.
 SUB_BLOCK_ELEMENTS = 1 << 16
+#: Query rows scored per product against prepared train signals (Daunce): each product writes its rows of the
+#: scores file directly; the train signals are read once per block.
+QUERY_BLOCK = 256
 
 
 # ---------------------------------------------------------------------- the score matrix on disk
@@ -101,6 +104,15 @@ def load_scores(path: str | Path, mmap: bool = True, name: str = "scores") -> np
     return np.memmap(path, dtype=np.float32, mode="r", offset=start, shape=shape)
 
 
+def as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A float32 tensor sharing `array`'s memory (a read-only memory map included: never written through)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
 # ---------------------------------------------------------------------- covariance over perturbations
 
 
@@ -135,13 +147,15 @@ def covariance_scores(
     (default: what fits in `BLOCK_ELEMENTS` of float64). A constant column scores 0 under `corr`.
     `out`: an array `[Q, N]` to fill (e.g. `ScoreFile.array`); a new float32 tensor by default.
     `prepared`: `train` is already centred and scaled by `prepare_train_signals` (same `measure`): scoring is then
-    one float32 matmul per chunk.
+    float32 matmuls; with `train` a tensor (e.g. `as_tensor` of the memory-mapped prepared file), one per block of
+    `QUERY_BLOCK` query rows, written straight into `out`'s rows (no intermediate block, no copy).
     """
     if measure not in ("cov", "corr"):
         raise ValueError(f"measure must be 'cov' or 'corr', got {measure!r}")
     k, n_query = query.shape
     if k < 2:
         raise ValueError(f"covariance over perturbations needs K >= 2 rows, got {k}")
+    tensor = None
     if isinstance(train, torch.Tensor):
         if train.shape[0] != k:
             raise ValueError(f"query has K={k} rows but train has {train.shape[0]}")
@@ -156,6 +170,14 @@ def covariance_scores(
     chunk = chunk_size or max(1, BLOCK_ELEMENTS // max(n_query, 1))
     if out is None:
         out = torch.empty(n_query, n_train, dtype=torch.float32)
+    if prepared and tensor is not None:
+        train_f32 = tensor if tensor.dtype == torch.float32 else tensor.float()
+        for q0 in range(0, n_query, QUERY_BLOCK):
+            q1 = min(q0 + QUERY_BLOCK, n_query)
+            rows = out[q0:q1] if isinstance(out, torch.Tensor) else torch.from_numpy(out[q0:q1])
+            torch.mm(qt[q0:q1], train_f32, out=rows)
+            fault_point("score_chunk")
+        return out
     for start in range(0, n_train, chunk):
         stop = min(start + chunk, n_train)
         cols = train(start, stop)

@@ -100,3 +100,50 @@ def test_collate_padding_sides_and_positions(tiny_model_dir):
             assert batch["input_ids"][row][mask].tolist() == ex.input_ids
             assert batch["position_ids"][row][mask].tolist() == list(range(len(ex.input_ids)))
             assert batch["labels"][row][~mask].eq(IGNORE_INDEX).all()
+
+
+def test_lazy_records_and_flat_examples_equal_the_eager_ones(tmp_path, tiny_model_dir):
+    """A JSONL file is held as offsets (records re-parsed on access) and its tokens in one flat array; both give
+    exactly what eager lists gave, the fingerprint of earlier runs included, and a file edited under a run is
+    refused rather than read."""
+    import os
+
+    import numpy as np
+
+    from llm_attr.data.math_task import make_math
+    from llm_attr.data.records import LazyRecords, as_records, records_fingerprint
+    from llm_attr.data.tokenize import Example, Examples, encode_record, token_lengths
+    from llm_attr.io import fingerprint
+
+    eager = list(as_records(make_math(50, seed=1)))
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join(json.dumps(r.to_dict()) for r in eager[:20]) + "\n\n"  # a blank line is skipped
+                    + "\n".join(json.dumps(r.to_dict()) for r in eager[20:]) + "\n")
+    lazy = load_records(path)
+    assert isinstance(lazy, LazyRecords) and len(lazy) == 50 and lazy.ids == [r.id for r in eager]
+    assert [r.to_dict() for r in lazy] == [r.to_dict() for r in eager]
+    assert lazy[37] == eager[37] and lazy[-1] == eager[-1] and lazy[10:13] == eager[10:13]
+    assert records_fingerprint(lazy) == fingerprint([r.to_dict() for r in eager])  # old run dirs stay valid
+    save_jsonl(lazy, tmp_path / "copy.jsonl")
+    assert [r.to_dict() for r in load_records(tmp_path / "copy.jsonl")] == [r.to_dict() for r in eager]
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    examples, _ = tokenize_records(lazy, tok, max_length=48)  # some truncated
+    assert isinstance(examples, Examples) and len(examples) == 50
+    for i, (e, r) in enumerate(zip(examples, eager, strict=True)):
+        p_ids, r_ids = encode_record(r, tok)
+        keep = max(min(len(p_ids), 48 - len(r_ids)), 1)
+        ids = (p_ids[len(p_ids) - keep:] + r_ids)[:48]
+        want = Example(i, r.id, ids, [IGNORE_INDEX] * keep + ids[keep:])
+        assert e == want, r.id
+    assert token_lengths(examples) == [len(e.input_ids) for e in examples]
+    both = examples + tokenize_records(lazy[:3], tok, max_length=48)[0]
+    assert len(both) == 53 and both[51].input_ids == examples[1].input_ids and both[51].index == 51
+    assert collate([both[51]], 0)["labels"].tolist() == [examples[1].labels]
+    assert examples._tokens.dtype == np.int32 and examples._tokens.size == sum(token_lengths(examples))
+
+    stamp = path.stat()
+    path.write_text(path.read_text().replace("math-00003", "math-0000X"))
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1))
+    with pytest.raises(DataError, match="changed while in use"):
+        lazy[3]

@@ -6,16 +6,22 @@ A record is `{"id", "prompt", "response", "metadata"}` or `{"id", "messages", "m
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import DataError
-from ..io import atomic_write_text, fingerprint
+from ..io import atomic_write
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
     """One training or query example. `response` is what the per-example loss is computed over."""
 
@@ -92,11 +98,15 @@ def record_from_dict(obj: Any, where: str) -> Record:
 
 
 def _check_unique(records: list[Record], source: str) -> None:
+    _check_unique_ids([r.id for r in records], source)
+
+
+def _check_unique_ids(ids: list[str], source: str) -> None:
     seen: dict[str, int] = {}
-    for i, r in enumerate(records):
-        if r.id in seen:
-            raise DataError(f"{source}: record {i + 1}: duplicate id {r.id!r} (first at record {seen[r.id] + 1})")
-        seen[r.id] = i
+    for i, rid in enumerate(ids):
+        if rid in seen:
+            raise DataError(f"{source}: record {i + 1}: duplicate id {rid!r} (first at record {seen[rid] + 1})")
+        seen[rid] = i
 
 
 def _rename(obj: dict[str, Any], columns: dict[str, str] | None) -> dict[str, Any]:
@@ -107,6 +117,36 @@ def _rename(obj: dict[str, Any], columns: dict[str, str] | None) -> dict[str, An
         if theirs in out:
             out[ours] = out.pop(theirs)
     return out
+
+
+class LazyRecords(Sequence):
+    """Records validated once, in one streaming pass, and then rebuilt from their source on access.
+
+    What stays in memory is a row number (or a byte offset) per record and its id, not the records: a 10⁶-record
+    training set costs ~70 MB instead of ~1 GB of Python objects. Indexing with a slice gives a list.
+    """
+
+    def __init__(self, source: str, n: int, ids: list[str], row: Callable[[int], Record],
+                 rows: Callable[[], Iterator[Record]]) -> None:
+        self.source, self._n, self.ids, self._row, self._rows = source, n, ids, row, rows
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._row(j) for j in range(*i.indices(self._n))]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(f"record {i} of {self._n}")
+        return self._row(i)
+
+    def __iter__(self) -> Iterator[Record]:
+        return self._rows()
+
+    def __repr__(self) -> str:
+        return f"LazyRecords({self.source!r}, {self._n} records)"
 
 
 def load_records(
@@ -144,24 +184,37 @@ def load_records(
     return _from_rows(ds, str(source), columns)
 
 
-def _from_rows(rows: Any, source: str, columns: dict[str, str] | None) -> list[Record]:
-    records = []
-    for i, row in enumerate(rows):
-        row = _rename(dict(row), columns)
-        row.setdefault("id", str(i))
-        extra = {k: v for k, v in row.items() if k not in {"id", "prompt", "response", "messages", "metadata"}}
-        if extra:
-            row = {k: v for k, v in row.items() if k not in extra}
-            row["metadata"] = {**(row.get("metadata") or {}), **extra}
-        records.append(record_from_dict(row, f"{source}: row {i}"))
-    _check_unique(records, source)
-    return records
+def _dataset_row(row: Any, i: int, source: str, columns: dict[str, str] | None) -> Record:
+    row = _rename(dict(row), columns)
+    row.setdefault("id", str(i))
+    extra = {k: v for k, v in row.items() if k not in {"id", "prompt", "response", "messages", "metadata"}}
+    if extra:
+        row = {k: v for k, v in row.items() if k not in extra}
+        row["metadata"] = {**(row.get("metadata") or {}), **extra}
+    return record_from_dict(row, f"{source}: row {i}")
 
 
-def _load_jsonl(path: Path, columns: dict[str, str] | None) -> list[Record]:
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+def _from_rows(rows: Any, source: str, columns: dict[str, str] | None) -> LazyRecords:
+    """A `datasets.Dataset` (memory-mapped Arrow) as records: validated row by row, rebuilt on access."""
+    ids = [_dataset_row(row, i, source, columns).id for i, row in enumerate(rows)]
+    _check_unique_ids(ids, source)
+    return LazyRecords(source, len(ids), ids, lambda i: _dataset_row(rows[i], i, source, columns),
+                       lambda: (_dataset_row(row, i, source, columns) for i, row in enumerate(rows)))
+
+
+def _load_jsonl(path: Path, columns: dict[str, str] | None) -> LazyRecords:
+    """A JSONL file as records: one validating pass keeps each record's byte offset and line number; a record is
+    parsed again when used. The file must not change while in use (checked: size and mtime)."""
+    offsets, lines, ids = array("q"), array("q"), []
+    with open(path, "rb") as f:
+        stamp = os.fstat(f.fileno())
+        offset = 0
+        for lineno, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -170,17 +223,52 @@ def _load_jsonl(path: Path, columns: dict[str, str] | None) -> list[Record]:
                 raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
             if isinstance(obj, dict):
                 obj = _rename(obj, columns)
-            records.append(record_from_dict(obj, f"{path}:{lineno}"))
-    if not records:
+            ids.append(record_from_dict(obj, f"{path}:{lineno}").id)
+            offsets.append(start)
+            lines.append(lineno)
+    if not ids:
         raise DataError(f"{path}: no records")
-    _check_unique(records, str(path))
-    return records
+    _check_unique_ids(ids, str(path))
+    starts, linenos = np.frombuffer(offsets, dtype=np.int64), np.frombuffer(lines, dtype=np.int64)
+    signature = (stamp.st_size, stamp.st_mtime_ns)
+
+    def parse(raw: bytes, lineno: int) -> Record:
+        obj = json.loads(raw.decode("utf-8"))
+        return record_from_dict(_rename(obj, columns), f"{path}:{lineno}")
+
+    def check(f) -> None:
+        st = os.fstat(f.fileno())
+        if (st.st_size, st.st_mtime_ns) != signature:
+            raise DataError(f"{path}: the file changed while in use; re-run the command")
+
+    def row(i: int) -> Record:
+        with open(path, "rb") as f:
+            check(f)
+            f.seek(int(starts[i]))
+            return parse(f.readline(), int(linenos[i]))
+
+    def rows() -> Iterator[Record]:
+        with open(path, "rb") as f:
+            check(f)
+            wanted = iter(zip(starts.tolist(), linenos.tolist(), strict=True))
+            nxt = next(wanted, None)
+            offset = 0
+            for raw in f:
+                if nxt is not None and offset == nxt[0]:
+                    yield parse(raw, nxt[1])
+                    nxt = next(wanted, None)
+                offset += len(raw)
+
+    return LazyRecords(str(path), len(ids), ids, row, rows)
 
 
-def as_records(data: Any) -> list[Record]:
-    """Accept a path, a list of `Record`, or a list of dicts (validated)."""
+def as_records(data: Any) -> Sequence[Record]:
+    """Accept a path (records loaded lazily: `LazyRecords`), loaded records, a list of `Record`, or a list of dicts
+    (validated)."""
     if isinstance(data, (str, Path)):
         return load_records(data)
+    if isinstance(data, LazyRecords):
+        return data
     records = [r if isinstance(r, Record) else record_from_dict(r, f"record {i}") for i, r in enumerate(data)]
     if not records:
         raise DataError("no records given")
@@ -188,11 +276,23 @@ def as_records(data: Any) -> list[Record]:
     return records
 
 
-def save_jsonl(records: list[Record] | list[dict], path: str | Path) -> None:
-    """Write records as JSONL, atomically."""
-    lines = [json.dumps(r.to_dict() if isinstance(r, Record) else r, ensure_ascii=False) for r in records]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+def save_jsonl(records: Sequence[Record] | Sequence[dict], path: str | Path) -> None:
+    """Write records as JSONL, atomically, one record at a time (nothing but the record being written in memory)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r.to_dict() if isinstance(r, Record) else r, ensure_ascii=False))
+                f.write("\n")
+
+    atomic_write(path, write)
 
 
-def records_fingerprint(records: list[Record]) -> str:
-    return fingerprint([r.to_dict() for r in records])
+def records_fingerprint(records: Sequence[Record]) -> str:
+    """`fingerprint([r.to_dict() for r in records])`, computed one record at a time."""
+    h = hashlib.sha256(b"[")
+    for i, r in enumerate(records):
+        if i:
+            h.update(b", ")
+        h.update(json.dumps(r.to_dict(), sort_keys=True, default=str).encode())
+    h.update(b"]")
+    return h.hexdigest()[:16]

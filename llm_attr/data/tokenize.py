@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..errors import DataError
-from .records import Record
+from .records import LazyRecords, Record
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,13 @@ class Example:
         self.index, self.id = index, id
         self._ids = np.asarray(input_ids, dtype=np.int32)
         self.labels = labels
+
+    @classmethod
+    def view(cls, index: int, id: str, ids: np.ndarray, response_start: int) -> Example:
+        """An example over `ids` (int32, not copied) whose labels are `ids[response_start:]`."""
+        e = cls.__new__(cls)
+        e.index, e.id, e._ids, e._labels = index, id, ids, response_start
+        return e
 
     @property
     def input_ids(self) -> list[int]:
@@ -61,6 +70,53 @@ class Example:
 
     def __repr__(self) -> str:
         return f"Example(index={self.index}, id={self.id!r}, n_tokens={self.n_tokens})"
+
+
+class Examples(Sequence):
+    """The tokenised examples of a data set, in one flat int32 token array (4 bytes a token, plus 16 an example and
+    its id): `Example`s are views made on access. Indexing with a slice gives a list."""
+
+    def __init__(self, ids: list[str], tokens: np.ndarray, offsets: np.ndarray, response_starts: np.ndarray) -> None:
+        self.ids, self._tokens, self._offsets, self._starts = ids, tokens, offsets, response_starts
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"example {i} of {len(self)}")
+        lo, hi = int(self._offsets[i]), int(self._offsets[i + 1])
+        return Example.view(i, self.ids[i], self._tokens[lo:hi], int(self._starts[i]))
+
+    def __iter__(self) -> Iterator[Example]:
+        return (self[i] for i in range(len(self)))
+
+    def __add__(self, other: Examples) -> Examples:
+        """Both sets in one (indices follow positions in the result), e.g. training then query examples."""
+        if not isinstance(other, Examples):
+            return NotImplemented
+        return Examples(self.ids + other.ids, np.concatenate([self._tokens, other._tokens]),
+                        np.concatenate([self._offsets, other._offsets[1:] + self._offsets[-1]]),
+                        np.concatenate([self._starts, other._starts]))
+
+    @property
+    def n_tokens(self) -> np.ndarray:
+        """`[N]` int64: each example's length in tokens."""
+        return np.diff(self._offsets)
+
+
+def token_lengths(examples: Sequence[Example]) -> list[int]:
+    """Each example's length in tokens (from the flat offsets for `Examples`, without building the examples)."""
+    if isinstance(examples, Examples):
+        return examples.n_tokens.tolist()
+    return [e.n_tokens for e in examples]
+
+    def __repr__(self) -> str:
+        return f"Examples({len(self)} examples, {len(self._tokens)} tokens)"
 
 
 @dataclass
@@ -114,13 +170,14 @@ def encode_record(record: Record, tokenizer) -> tuple[list[int], list[int]]:
 
 
 def tokenize_records(
-    records: list[Record], tokenizer, max_length: int = 512, source: str = "records"
-) -> tuple[list[Example], TruncationReport]:
-    """Tokenise records; over-long examples lose prompt tokens from the left first, then response tokens from the right.
+    records: Sequence[Record], tokenizer, max_length: int = 512, source: str = "records"
+) -> tuple[Examples, TruncationReport]:
+    """Tokenise records (one at a time: `records` may be lazy); over-long examples lose prompt tokens from the left
+    first, then response tokens from the right.
 
     Raises `DataError` if truncation would leave an example with no response token.
     """
-    examples = []
+    tokens, offsets, starts, ids = array("i"), array("q", [0]), array("q"), []
     report = TruncationReport(n_examples=len(records))
     for i, rec in enumerate(records):
         p_ids, r_ids = encode_record(rec, tokenizer)
@@ -142,11 +199,17 @@ def tokenize_records(
                     )
                 report.response_tokens_lost += excess
                 r_ids = r_ids[: len(r_ids) - excess]
-        examples.append(
-            Example(index=i, id=rec.id, input_ids=p_ids + r_ids, labels=[IGNORE_INDEX] * len(p_ids) + r_ids)
-        )
+        tokens.extend(p_ids)
+        tokens.extend(r_ids)
+        offsets.append(len(tokens))
+        starts.append(len(p_ids))
+        ids.append(rec.id)
     if report.n_truncated:
         logger.warning("%s: %s (max_length=%d)", source, report, max_length)
+    if isinstance(records, LazyRecords):
+        ids = records.ids  # the same strings: not held twice
+    examples = Examples(ids, np.frombuffer(tokens, dtype=np.int32), np.frombuffer(offsets, dtype=np.int64),
+                        np.frombuffer(starts, dtype=np.int64))
     return examples, report
 
 

@@ -254,7 +254,7 @@ class BlackBoxDaunce:
             logger.info("%s", self.estimate)
 
         self.submitted = []
-        everything = train_records + query_records
+        everything = [*train_records, *query_records]
         window = cfg.max_active_jobs or len(todo)
         for i, k in enumerate(todo):
             for kk in todo[i : i + window]:
@@ -308,7 +308,7 @@ class BlackBoxDaunce:
 
     def _estimate(self, model: str, train_records: list[Record], query_records: list[Record], plans: dict,
                   to_submit: list[int], todo: list[int]) -> CostEstimate:
-        tokens, exact = self.backend.count_tokens(model, train_records + query_records)
+        tokens, exact = self.backend.count_tokens(model, [*train_records, *query_records])
         train_tokens = sum(sum(tokens[j] for j in plans[k].subset.tolist()) for k in to_submit)
         args = self.config.openai if self.backend.name == "openai" else None
         return CostEstimate(

@@ -44,7 +44,7 @@ import torch
 
 from ..config import to_dict
 from ..data.records import Record, as_records, records_fingerprint, save_jsonl
-from ..data.tokenize import IGNORE_INDEX, Example, pad_id_of, tokenize_records
+from ..data.tokenize import IGNORE_INDEX, Example, pad_id_of, token_lengths, tokenize_records
 from ..errors import ConfigError, RunDirError
 from ..io import atomic_write_json, contained_path, fingerprint, locked
 from ..losses import Signal, evaluate_signal, forward_logits, per_example_loss
@@ -52,6 +52,7 @@ from ..models.lora import LoraArgs
 from ..scoring import (
     Measure,
     ScoreFile,
+    as_tensor,
     covariance_scores,
     format_topk,
     load_scores,
@@ -246,7 +247,7 @@ class Theta0:
         self.const0 = torch.empty(n, dtype=torch.float32, device=device)
         was_training = self.model.training
         self.model.eval()
-        order = sorted(range(n), key=lambda i: self.examples[i].n_tokens)
+        order = sorted(range(n), key=token_lengths(self.examples).__getitem__)
         for s in range(0, n, batch_size):
             idx = order[s : s + batch_size]
             batch = collate([self.examples[i] for i in idx], self.pad_id)
@@ -504,6 +505,7 @@ class Daunce:
         n_trainable = sum(p.numel() for p in pm.trainable.values())
         logger.info("Daunce: %d training / %d query examples, %d trainable parameters per perturbation, "
                     "first_order=%s", len(train_ex), len(query_ex), n_trainable, cfg.first_order)
+        every = train_ex + query_ex  # the examples of a loss-matrix row
         theta0 = None
         if cfg.first_order:
             theta0 = Theta0(pm.model, train_ex, pad_id, pm.reference, cfg.theta0_cache_mb, cfg.eval_batch_size)
@@ -519,7 +521,7 @@ class Daunce:
             args = dataclasses.replace(cfg, seed=plan.order_seed)
             result = train(pm.model, train_ex, args, pad_id, accelerator=accelerator, objective=objective,
                            subset=plan.subset.tolist(), data_parallel=False, desc=f"perturbation {k}")
-            signals = evaluate_signal(pm.model, train_ex + query_ex, pad_id, batch_size=cfg.eval_batch_size,
+            signals = evaluate_signal(pm.model, every, pad_id, batch_size=cfg.eval_batch_size,
                                       signal=SIGNALS)
             if cfg.keep_adapters:
                 pm.save(adapter_dir(store.root, k))
@@ -614,8 +616,7 @@ def write_scores(out: Path, query_signals: torch.Tensor, run: Path, store: Store
     sf = ScoreFile(out / "scores.safetensors", (len(query_ids), len(train_ids)),
                    metadata={"measure": measure, "signal": signal, "perturbations": k_count})
     try:
-        covariance_scores(query_signals, lambda s, e: torch.from_numpy(np.ascontiguousarray(prepared[:, s:e])),
-                          n_train=len(train_ids), measure=measure, out=sf.array, prepared=True)
+        covariance_scores(query_signals, as_tensor(prepared), measure=measure, out=sf.array, prepared=True)
         values, indices = topk_rows(sf.array, top_k)
     except BaseException:
         sf.abort()

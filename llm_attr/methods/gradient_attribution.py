@@ -35,7 +35,7 @@ import torch
 
 from ..config import to_dict
 from ..data.records import as_records, records_fingerprint, save_jsonl
-from ..data.tokenize import Example, collate, pad_id_of, tokenize_records
+from ..data.tokenize import Example, collate, pad_id_of, token_lengths, tokenize_records
 from ..errors import ConfigError, RunDirError
 from ..io import atomic_write_json, file_fingerprint, fingerprint, locked
 from ..scoring import (
@@ -319,7 +319,7 @@ class GradientAttribution:
 
     def _batches(self, examples: list[Example], pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
         """Length-sorted batches of `examples`; `batch["index"]` holds positions in `examples`."""
-        order = sorted(range(len(examples)), key=lambda i: examples[i].n_tokens)
+        order = sorted(range(len(examples)), key=token_lengths(examples).__getitem__)
         for s in range(0, len(order), self.config.batch_size):
             idx = order[s : s + self.config.batch_size]
             batch = collate([examples[i] for i in idx], pad_id)
