@@ -7,7 +7,9 @@ tokenizer) on the demo's backdoor data (240 training records, 32 queries) and th
 (configs/daunce.yaml: rank-64 LoRA, 1 epoch = 15 steps of 16):
 
 - `timing` (one process, the pairs interleaved so that both sides see the same load; medians of `--repeats`):
-  a plain LoRA fine-tune epoch (`training.train`, plain loss, the same rank-64 adapter) against one Daunce
+  a plain LoRA fine-tune epoch (a plain transformers loop: `model(..., labels=...).loss.backward()`, AdamW with
+  the same schedule, clipping, batches and rank-64 adapter; also `training.train`, our own loop with the plain
+  loss, reported beside it) against one Daunce
   perturbation (training on the first-order objective, θ₀ cache built once per run and reported apart, then
   both signals of all 272 examples: the loss-matrix row); plain batched inference (logits only) against
   `losses.evaluate_signal` (loss and margin rows) over the same 272 examples and batches.
@@ -97,10 +99,35 @@ def run_phase(model_spec: str, phase: str, repeats: int) -> dict:
     pm = PerturbationModel(loaded.model, "new", cfg.lora)
     out["lora_parameters"] = sum(p.numel() for p in pm.trainable.values())
 
-    def plain_epoch() -> None:
+    def library_epoch() -> None:
         pm.reset(0)
         train(pm.model, examples, cfg, pad, accelerator=accelerator, objective=plain_objective,
               data_parallel=False, show_progress=False)
+
+    def plain_epoch() -> None:
+        """The hardware's own baseline: one epoch of a plain transformers training loop, nothing of ours but the
+        collation (which our loop does too)."""
+        import math
+
+        from transformers import get_cosine_schedule_with_warmup
+
+        pm.reset(0)
+        params = [p for p in pm.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        steps = math.ceil(len(examples) / cfg.batch_size)
+        sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup_ratio * steps), steps)
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        pm.model.train()
+        for s in range(0, len(order), cfg.batch_size):
+            batch = collate([examples[i] for i in order[s:s + cfg.batch_size]], pad)
+            loss = pm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        pm.model.eval()
 
     def perturbation(k: int, theta0) -> tuple[float, float]:
         plan = perturbation_plan(cfg.seed, k, len(examples), cfg.subsample_ratio)
@@ -140,9 +167,12 @@ def run_phase(model_spec: str, phase: str, repeats: int) -> dict:
                 forward_logits(pm.model, batch)
 
         plain_epoch()  # warm-up
-        rows: dict[str, list[float]] = {"epoch": [], "train": [], "evaluate": [], "inference": [], "signal": []}
+        library_epoch()
+        rows: dict[str, list[float]] = {"epoch": [], "library_epoch": [], "train": [], "evaluate": [],
+                                        "inference": [], "signal": []}
         for k in range(repeats):  # interleaved: each pair sees the same load
             rows["epoch"].append(timed(plain_epoch))
+            rows["library_epoch"].append(timed(library_epoch))
             train_s, eval_s = perturbation(k, theta0)
             rows["train"].append(train_s)
             rows["evaluate"].append(eval_s)

@@ -24,11 +24,14 @@ from .data.tokenize import Example, collate
 from .errors import LlmAttrError, RunDirError
 from .faults import fault_point
 from .io import atomic_write
-from .losses import forward_logits, per_example_loss
+from .losses import forward_logits, per_example_loss, response_window
 from .utils import progress
 
 logger = logging.getLogger(__name__)
 
+#: `(model, batch, logits) -> [B]` per-example values to minimise. `logits [B, W, V]` are those of the batch's last
+#: W positions, the response window (`losses.response_window`: every response token and the position before it),
+#: and `batch["labels"]` is cut to the same `[B, W]`; `batch["input_ids"]` etc. stay whole.
 Objective = Callable[[torch.nn.Module, dict, torch.Tensor], torch.Tensor]
 
 
@@ -273,9 +276,11 @@ def train(
         finished_epoch = True
         for batch in batches:
             seen += 1
+            keep = response_window(batch["labels"])  # the lm_head and the loss only where labels are
+            window = {**batch, "labels": batch["labels"][:, -keep:]}
             with accelerator.autocast():
-                logits = forward_logits(model, batch)
-                values = objective(model, batch, logits)
+                logits = forward_logits(model, batch, keep_last=keep)
+                values = objective(model, window, logits)
             if weights is not None:
                 values = values * weights[batch["index"].to(device)]
             loss = values.mean() / args.gradient_accumulation_steps

@@ -28,10 +28,10 @@ from llm_attr.methods.daunce import (
     PerturbationModel,
     Theta0,
     load_target,
-    logit_inner_product,
     perturbation_objective,
     perturbation_plan,
     query_run,
+    response_nll_and_dot,
     response_rows,
     shard_name,
 )
@@ -114,7 +114,8 @@ def test_perturbation_plan_is_a_function_of_seed_and_k():
 # ---------------------------------------------------------------- the first-order term
 
 
-def test_logit_inner_product_matches_dense_autograd():
+def test_response_rows_nll_and_first_order_term_match_dense_autograd():
+    """The fused pass over response rows gives per_example_loss and ⟨f, ∂ℓ/∂f|θ₀⟩, and their joint gradient."""
     gen = torch.Generator().manual_seed(0)
     b, t, v = 3, 6, 11
     logits = torch.randn(b, t, v, generator=gen, dtype=torch.float64).float().requires_grad_()
@@ -124,16 +125,22 @@ def test_logit_inner_product_matches_dense_autograd():
     labels[1, 4:] = -100
     rows = response_rows(labels)
     probs = torch.softmax(logits0[rows[0], rows[1]], -1)
-    value = logit_inner_product(logits, lambda sl: probs[sl], rows, chunk=2)
+    nll, value = response_nll_and_dot(logits, lambda sl: probs[sl], rows, chunk=2)
+    torch.testing.assert_close(nll, per_example_loss(logits, labels), rtol=1e-5, atol=1e-6)
     # dense: ∂ℓ_b/∂f for mean NLL over response tokens, differentiated by autograd through ℓ at logits0
     z = logits0.clone().requires_grad_()
     dl_df = torch.autograd.grad(per_example_loss(z, labels).sum(), z)[0]
     dense = (logits * dl_df).sum((1, 2))
     torch.testing.assert_close(value, dense, rtol=1e-5, atol=1e-6)
-    weights = torch.tensor([0.3, -1.0, 2.0])
-    g_ours = torch.autograd.grad((value * weights).sum(), logits)[0]
-    g_dense = torch.autograd.grad((dense * weights).sum(), logits)[0]
+    weights, gamma = torch.tensor([0.3, -1.0, 2.0]), torch.tensor([1.3, 0.2, -0.7])
+    g_ours = torch.autograd.grad((gamma * nll + weights * value).sum(), logits)[0]
+    g_dense = torch.autograd.grad((gamma * per_example_loss(logits, labels) + weights * dense).sum(), logits)[0]
     torch.testing.assert_close(g_ours, g_dense, rtol=1e-5, atol=1e-7)
+    nll_only, zero = response_nll_and_dot(logits, None, rows, chunk=4)  # without θ₀: the loss alone
+    assert torch.equal(nll_only, nll) and not zero.any()
+    g_nll = torch.autograd.grad(nll_only.sum(), logits)[0]
+    torch.testing.assert_close(g_nll, torch.autograd.grad(per_example_loss(logits, labels).sum(), logits)[0],
+                               rtol=1e-5, atol=1e-7)
 
 
 @pytest.fixture(scope="module")

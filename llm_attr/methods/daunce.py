@@ -47,7 +47,7 @@ from ..data.records import Record, as_records, records_fingerprint, save_jsonl
 from ..data.tokenize import IGNORE_INDEX, Example, pad_id_of, token_lengths, tokenize_records
 from ..errors import ConfigError, RunDirError
 from ..io import atomic_write_json, contained_path, fingerprint, locked
-from ..losses import Signal, evaluate_signal, forward_logits, per_example_loss
+from ..losses import Signal, evaluate_signal, forward_logits
 from ..models.lora import LoraArgs
 from ..scoring import (
     Measure,
@@ -172,43 +172,57 @@ def response_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 RowProbs = Callable[[slice], torch.Tensor]  # rows slice -> θ₀ softmax rows [c, V] float32
 
 
-class _LogitInnerProduct(torch.autograd.Function):
-    """s_b = Σ_rows coef·⟨f_row, p₀_row − e_target⟩ per example `[B]`, in row chunks; p₀ is re-read in backward."""
+class _ResponseRows(torch.autograd.Function):
+    """Per example `[B]`, over its response rows in chunks: nll_b = Σ coef·(logsumexp f − f_y) (mean NLL) and
+    dot_b = Σ coef·⟨f, p₀ − e_y⟩. One pass over the rows forward, one backward (softmax recomputed from the saved
+    log-sum-exp, p₀ re-read), one scatter into the logits' gradient."""
 
     @staticmethod
-    def forward(ctx, logits, probs0: RowProbs, b_idx, t_idx, targets, coef, chunk: int):  # noqa: D102
-        out = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
+    def forward(ctx, logits, probs0: RowProbs | None, b_idx, t_idx, targets, coef, chunk: int):  # noqa: D102
+        nll = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
+        dot = torch.zeros_like(nll)
+        lse = torch.empty(b_idx.numel(), dtype=torch.float32, device=logits.device)
         for start in range(0, b_idx.numel(), chunk):
             sl = slice(start, start + chunk)
             f = logits[b_idx[sl], t_idx[sl]].float()
-            dot = (f * probs0(sl)).sum(-1) - f.gather(1, targets[sl, None]).squeeze(1)
-            out.index_add_(0, b_idx[sl], coef[sl] * dot)
-        ctx.save_for_backward(b_idx, t_idx, targets, coef)
-        ctx.probs0, ctx.chunk, ctx.shape, ctx.dtype = probs0, chunk, logits.shape, logits.dtype
-        return out
+            f_y = f.gather(1, targets[sl, None]).squeeze(1)
+            lse[sl] = torch.logsumexp(f, dim=-1)
+            nll.index_add_(0, b_idx[sl], coef[sl] * (lse[sl] - f_y))
+            if probs0 is not None:
+                dot.index_add_(0, b_idx[sl], coef[sl] * ((f * probs0(sl)).sum(-1) - f_y))
+        ctx.save_for_backward(logits, b_idx, t_idx, targets, coef, lse)
+        ctx.probs0, ctx.chunk = probs0, chunk
+        return nll, dot
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
-        b_idx, t_idx, targets, coef = ctx.saved_tensors
-        grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad_out.device)
+    def backward(ctx, grad_nll, grad_dot):  # noqa: D102
+        logits, b_idx, t_idx, targets, coef, lse = ctx.saved_tensors
+        grad = torch.zeros_like(logits)
         for start in range(0, b_idx.numel(), ctx.chunk):
             sl = slice(start, start + ctx.chunk)
-            g = ctx.probs0(sl).clone()
-            g[torch.arange(g.shape[0], device=g.device), targets[sl]] -= 1.0
-            g *= (grad_out[b_idx[sl]] * coef[sl])[:, None]
-            grad[b_idx[sl], t_idx[sl]] = g.to(ctx.dtype)
+            b = b_idx[sl]
+            g_n, g_d = grad_nll[b][:, None], grad_dot[b][:, None]
+            g = torch.exp(logits[b, t_idx[sl]].float() - lse[sl, None]).mul_(g_n)  # ∂nll/∂f = softmax − e_y
+            if ctx.probs0 is not None:
+                g.addcmul_(ctx.probs0(sl), g_d)  # ∂dot/∂f = p₀ − e_y
+                g_n = g_n + g_d
+            g[torch.arange(g.shape[0], device=g.device), targets[sl]] -= g_n.squeeze(1)
+            grad[b, t_idx[sl]] = g.mul_(coef[sl, None]).to(logits.dtype)
         return grad, None, None, None, None, None, None
 
 
-def logit_inner_product(logits: torch.Tensor, probs0: RowProbs, rows: tuple, chunk: int | None = None) -> torch.Tensor:
-    """`[B]` float32: Σ_t (1/n_b)⟨f_bt, p₀_bt − e_{y_bt}⟩ over response rows = ⟨f, ∂ℓ_b/∂f|θ₀⟩ for mean-NLL ℓ.
+def response_nll_and_dot(logits: torch.Tensor, probs0: RowProbs | None, rows: tuple,
+                         chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ℓ_b `[B]`, ⟨f_b, ∂ℓ_b/∂f|θ₀⟩ `[B]`) float32 from one pass over the response rows, differentiable.
 
-    logits: `[B, T, V]` (differentiable); probs0(rows slice) -> θ₀ softmax rows `[c, V]` float32; rows from
-    `response_rows`. Memory beyond logits and their gradient: one chunk of `chunk` rows (default 16 MiB fp32).
+    ℓ_b is the mean NLL over response tokens (`losses.per_example_loss`, to float32 round-off);
+    ⟨f, ∂ℓ_b/∂f|θ₀⟩ = Σ_t (1/n_b)⟨f_bt, p₀_bt − e_{y_bt}⟩ (0 when `probs0` is None). logits: `[B, T, V]`;
+    probs0(rows slice) -> θ₀ softmax rows `[c, V]` float32; rows from `response_rows`. Memory beyond the logits
+    and their gradient: one chunk of `chunk` rows (default 16 MiB fp32).
     """
     chunk = chunk or max(1, LOGIT_CHUNK_ELEMENTS // logits.shape[-1])
     b_idx, t_idx, targets, coef = rows
-    return _LogitInnerProduct.apply(logits, probs0, b_idx, t_idx, targets, coef, chunk)
+    return _ResponseRows.apply(logits, probs0, b_idx, t_idx, targets, coef, chunk)
 
 
 class Theta0:
@@ -257,8 +271,7 @@ class Theta0:
             rows = tuple(r.to(device) for r in response_rows(labels))
             probs = torch.softmax(logits0[rows[0], rows[1]].float(), dim=-1)
             index = torch.tensor(idx, device=device)
-            self.loss0[index] = per_example_loss(logits0, labels)
-            self.const0[index] = logit_inner_product(logits0, lambda sl, p=probs: p[sl], rows)
+            self.loss0[index], self.const0[index] = response_nll_and_dot(logits0, lambda sl, p=probs: p[sl], rows)
             self.probs[self.rows_of(torch.tensor(idx)).to(device)] = probs
         self.model.train(was_training)
 
@@ -277,15 +290,14 @@ class Theta0:
         was_training = self.model.training
         self.model.eval()  # θ₀'s outputs are deterministic (no dropout), as in the cache
         with torch.no_grad(), self.reference():
-            logits0 = forward_logits(self.model, batch)
+            logits0 = forward_logits(self.model, batch, keep_last=labels.shape[1])  # the batch's response window
         self.model.train(was_training)
 
         def probs0(sl: slice) -> torch.Tensor:
             return torch.softmax(logits0[rows[0][sl], rows[1][sl]].float(), dim=-1)
 
         with torch.no_grad():
-            loss0 = per_example_loss(logits0, labels)
-            const0 = logit_inner_product(logits0, probs0, rows)
+            loss0, const0 = response_nll_and_dot(logits0, probs0, rows)
         return loss0, const0, probs0
 
 
@@ -296,8 +308,7 @@ def perturbation_objective(theta0: Theta0, weights: torch.Tensor, gamma: float):
         labels = batch["labels"].to(logits.device)
         rows = tuple(r.to(logits.device) for r in response_rows(labels))
         loss0, const0, probs0 = theta0.for_batch(batch, labels, rows)
-        loss = per_example_loss(logits, labels)
-        linear = logit_inner_product(logits, probs0, rows)
+        loss, linear = response_nll_and_dot(logits, probs0, rows)  # one pass over the response rows
         w = weights[batch["index"].to(logits.device)]
         return gamma * (loss - loss0) - w * (linear - const0)
 

@@ -60,6 +60,9 @@ FACTOR_METHODS = ("if-kfac", "if-ekfac")
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: Elements of one chunk of training gradients read back for fitting and scoring (32 MiB of float64).
 CHUNK_ELEMENTS = 1 << 22
+#: Elements of one chunk of training gradients read back for scoring (64 MiB of float32): at d ~ 70k that is 240
+#: rows, where the product with the queries runs at the matmul's speed (60 rows ran at half of it).
+SCORE_CHUNK_ELEMENTS = 1 << 24
 #: d above which the damped Fisher is fitted in float32 rather than float64 (d x d float64 = 512 MiB here).
 FISHER_FLOAT64_MAX_DIM = 8192
 
@@ -576,11 +579,12 @@ def write_scores(out: Path, run: Path, store: Store, method: str, damping: float
         lrs = [c["lr"] for c in checkpoints]
         q = torch.cat([lr * g.double() for g, lr in zip(query, lrs, strict=True)], dim=1)
         chunks = (torch.cat(blocks, dim=1)
-                  for blocks in zip(*(train_chunks(store, c) for c in range(len(lrs))), strict=True))
+                  for blocks in zip(*(train_chunks(store, c, max_elements=SCORE_CHUNK_ELEMENTS // len(lrs))
+                                      for c in range(len(lrs))), strict=True))
     else:
         lr = checkpoints[0]["lr"] if method == "tracin" and checkpoints[0] is not None else 1.0
         q = lr * precond.apply(query[0].double())
-        chunks = (precond.train_side(chunk) for chunk in train_chunks(store, 0))
+        chunks = (precond.train_side(chunk) for chunk in train_chunks(store, 0, max_elements=SCORE_CHUNK_ELEMENTS))
     train_ids = manifest["ids"]["train"]
     rank = manifest["config"]["projection_rank"]
     sf = ScoreFile(out / "scores.safetensors", (len(query_ids), len(train_ids)),
