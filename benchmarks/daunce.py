@@ -137,7 +137,8 @@ def run_phase(model_spec: str, phase: str, repeats: int) -> dict:
         train(pm.model, examples, cfg, pad, accelerator=accelerator, objective=perturbation_objective(
             theta0, weights, cfg.gamma), subset=plan.subset.tolist(), data_parallel=False, show_progress=False)
         t1 = time.perf_counter()
-        evaluate_signal(pm.model, every, pad, batch_size=cfg.eval_batch_size, signal=SIGNALS)
+        for side in (examples, query_ex):  # the loss-matrix row, as Daunce.run computes it
+            evaluate_signal(pm.model, side, pad, batch_size=cfg.eval_batch_size, signal=SIGNALS)
         return t1 - t0, time.perf_counter() - t1
 
     def timed(fn) -> float:

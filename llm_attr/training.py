@@ -241,11 +241,11 @@ def train(
         raise ValueError(f"scheduler must be 'cosine' or 'constant', got {scheduler!r}")
     sampler = EpochShuffle(len(positions), args.seed)
     loader = torch.utils.data.DataLoader(
-        [examples[i] for i in positions],
+        positions,  # the examples themselves are built per batch: no list of N examples in memory
         batch_size=args.batch_size,
         sampler=sampler,
         generator=torch.Generator().manual_seed(args.seed),  # the loader's own draws leave the global RNG alone
-        collate_fn=lambda b: collate(b, pad_id),
+        collate_fn=lambda b: collate([examples[i] for i in b], pad_id),
         drop_last=False,
     )
     history: list[float] = []

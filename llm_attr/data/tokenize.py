@@ -35,7 +35,7 @@ class Example:
 
     @classmethod
     def view(cls, index: int, id: str, ids: np.ndarray, response_start: int) -> Example:
-        """An example over `ids` (int32, not copied) whose labels are `ids[response_start:]`."""
+        """An example over `ids` (an integer array, not copied) whose labels are `ids[response_start:]`."""
         e = cls.__new__(cls)
         e.index, e.id, e._ids, e._labels = index, id, ids, response_start
         return e
@@ -73,8 +73,9 @@ class Example:
 
 
 class Examples(Sequence):
-    """The tokenised examples of a data set, in one flat int32 token array (4 bytes a token, plus 16 an example and
-    its id): `Example`s are views made on access. Indexing with a slice gives a list."""
+    """The tokenised examples of a data set, in one flat token array (uint16 when the vocabulary allows, else int32:
+    2 or 4 bytes a token, plus 16 an example and its id): `Example`s are views made on access. Indexing with a slice
+    gives a list."""
 
     def __init__(self, ids: list[str], tokens: np.ndarray, offsets: np.ndarray, response_starts: np.ndarray) -> None:
         self.ids, self._tokens, self._offsets, self._starts = ids, tokens, offsets, response_starts
@@ -177,7 +178,9 @@ def tokenize_records(
 
     Raises `DataError` if truncation would leave an example with no response token.
     """
-    tokens, offsets, starts, ids = array("i"), array("q", [0]), array("q"), []
+    # 2 bytes a token when every id fits (vocabularies up to 65,536: GPT-2, Llama 2, Mistral, SmolLM2), else 4
+    small = len(tokenizer) <= 1 << 16
+    tokens, offsets, starts, ids = array("H" if small else "i"), array("q", [0]), array("q"), []
     report = TruncationReport(n_examples=len(records))
     for i, rec in enumerate(records):
         p_ids, r_ids = encode_record(rec, tokenizer)
@@ -208,8 +211,8 @@ def tokenize_records(
         logger.warning("%s: %s (max_length=%d)", source, report, max_length)
     if isinstance(records, LazyRecords):
         ids = records.ids  # the same strings: not held twice
-    examples = Examples(ids, np.frombuffer(tokens, dtype=np.int32), np.frombuffer(offsets, dtype=np.int64),
-                        np.frombuffer(starts, dtype=np.int64))
+    examples = Examples(ids, np.frombuffer(tokens, dtype=np.uint16 if small else np.int32),
+                        np.frombuffer(offsets, dtype=np.int64), np.frombuffer(starts, dtype=np.int64))
     return examples, report
 
 

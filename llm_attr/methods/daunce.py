@@ -516,7 +516,6 @@ class Daunce:
         n_trainable = sum(p.numel() for p in pm.trainable.values())
         logger.info("Daunce: %d training / %d query examples, %d trainable parameters per perturbation, "
                     "first_order=%s", len(train_ex), len(query_ex), n_trainable, cfg.first_order)
-        every = train_ex + query_ex  # the examples of a loss-matrix row
         theta0 = None
         if cfg.first_order:
             theta0 = Theta0(pm.model, train_ex, pad_id, pm.reference, cfg.theta0_cache_mb, cfg.eval_batch_size)
@@ -532,13 +531,12 @@ class Daunce:
             args = dataclasses.replace(cfg, seed=plan.order_seed)
             result = train(pm.model, train_ex, args, pad_id, accelerator=accelerator, objective=objective,
                            subset=plan.subset.tolist(), data_parallel=False, desc=f"perturbation {k}")
-            signals = evaluate_signal(pm.model, every, pad_id, batch_size=cfg.eval_batch_size,
-                                      signal=SIGNALS)
+            tensors = {}  # the loss-matrix row: both signals of every training and query example under θ_k
+            for side, examples in (("train", train_ex), ("query", query_ex)):
+                signals = evaluate_signal(pm.model, examples, pad_id, batch_size=cfg.eval_batch_size, signal=SIGNALS)
+                tensors.update({f"{side}_{s}": signals[s] for s in SIGNALS})
             if cfg.keep_adapters:
                 pm.save(adapter_dir(store.root, k))
-            n = len(train_ex)
-            tensors = {f"train_{s}": signals[s][:n] for s in SIGNALS}
-            tensors.update({f"query_{s}": signals[s][n:] for s in SIGNALS})
             tensors.update({"subset": plan.subset, "xi": plan.xi})
             seconds = time.time() - t0
             store.write_shard(shard_name(k), tensors, meta={
