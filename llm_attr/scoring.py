@@ -116,6 +116,16 @@ def as_tensor(array: np.ndarray) -> torch.Tensor:
 # ---------------------------------------------------------------------- covariance over perturbations
 
 
+def _columns(train: torch.Tensor | ColumnReader, n_train: int | None) -> tuple[ColumnReader, int]:
+    """(`read(start, stop) -> [K, stop - start]`, N) of a `[K, N]` tensor or of a reader with its `n_train`."""
+    if isinstance(train, torch.Tensor):
+        tensor = train
+        return (lambda s, e: tensor[:, s:e]), tensor.shape[1]
+    if n_train is None:
+        raise ValueError("n_train is required with a column reader")
+    return train, n_train
+
+
 def _centred(x: torch.Tensor) -> torch.Tensor:
     x = x.double()
     return x - x.mean(0, keepdim=True)
@@ -155,15 +165,10 @@ def covariance_scores(
     k, n_query = query.shape
     if k < 2:
         raise ValueError(f"covariance over perturbations needs K >= 2 rows, got {k}")
-    tensor = None
-    if isinstance(train, torch.Tensor):
-        if train.shape[0] != k:
-            raise ValueError(f"query has K={k} rows but train has {train.shape[0]}")
-        n_train = train.shape[1]
-        tensor = train
-        train = lambda s, e: tensor[:, s:e]  # noqa: E731
-    elif n_train is None:
-        raise ValueError("n_train is required with a column reader")
+    tensor = train if isinstance(train, torch.Tensor) else None
+    if tensor is not None and tensor.shape[0] != k:
+        raise ValueError(f"query has K={k} rows but train has {tensor.shape[0]}")
+    train, n_train = _columns(train, n_train)
     q = _centred(query)
     qt = (q * _scale(q, measure)).T.contiguous().float()  # [Q, K], centred: Σ_k q_k = 0
     sub_columns = max(1, SUB_BLOCK_ELEMENTS // k)
@@ -199,12 +204,7 @@ def prepare_train_signals(train: torch.Tensor | ColumnReader, out: np.ndarray | 
     """Fill `out [K, N]` float32 with each training column centred over k (in float64) and scaled (corr: to unit
     norm, 0 for a constant column; cov: by 1/sqrt(K-1)). Done once per store, it turns every later scoring pass
     into one matmul (`covariance_scores(..., prepared=True)`); `train` as in `covariance_scores`."""
-    if isinstance(train, torch.Tensor):
-        n_train = train.shape[1]
-        tensor = train
-        train = lambda s, e: tensor[:, s:e]  # noqa: E731
-    elif n_train is None:
-        raise ValueError("n_train is required with a column reader")
+    train, n_train = _columns(train, n_train)
     k = out.shape[0]
     for start in range(0, n_train, max(1, BLOCK_ELEMENTS // k)):
         stop = min(start + max(1, BLOCK_ELEMENTS // k), n_train)
@@ -240,12 +240,7 @@ def _assign(out: np.ndarray | torch.Tensor, start: int, stop: int, block: torch.
 def self_influence(train: torch.Tensor | ColumnReader, *, n_train: int | None = None,
                    chunk_size: int = 1 << 20) -> torch.Tensor:
     """`[N]` float32: variance over k (ddof 1) of each training example's signal; `train` as in `covariance_scores`."""
-    if isinstance(train, torch.Tensor):
-        n_train = train.shape[1]
-        tensor = train
-        train = lambda s, e: tensor[:, s:e]  # noqa: E731
-    elif n_train is None:
-        raise ValueError("n_train is required with a column reader")
+    train, n_train = _columns(train, n_train)
     out = torch.empty(n_train, dtype=torch.float32)
     for start in range(0, n_train, chunk_size):
         stop = min(start + chunk_size, n_train)
