@@ -31,7 +31,7 @@ class Example:
     def __init__(self, index: int, id: str, input_ids, labels) -> None:
         self.index, self.id = index, id
         self._ids = np.asarray(input_ids, dtype=np.int32)
-        self.labels = labels
+        self._set_labels(labels)
 
     @classmethod
     def view(cls, index: int, id: str, ids: np.ndarray, response_start: int) -> Example:
@@ -50,8 +50,8 @@ class Example:
             return [IGNORE_INDEX] * self._labels + self._ids[self._labels :].tolist()
         return self._labels.tolist()
 
-    @labels.setter
-    def labels(self, labels) -> None:
+    def _set_labels(self, labels) -> None:
+        """Examples are immutable (those of `Examples` are views made on access: a change would be lost)."""
         lab = np.asarray(labels, dtype=np.int32)
         if lab.shape != self._ids.shape:
             raise ValueError(f"example {self.id!r}: {lab.shape[0]} labels for {self._ids.shape[0]} tokens")

@@ -106,7 +106,7 @@ def build_tiny_model(seed: int = 0, force: bool = False) -> Path:
     from transformers import logging as hf_logging
 
     from ..data.records import Record
-    from ..data.tokenize import collate, tokenize_records
+    from ..data.tokenize import Example, collate, tokenize_records
 
     t0 = time.time()
     logger.info("building builtin:tiny (seed %d) in %s", seed, out)
@@ -132,9 +132,9 @@ def build_tiny_model(seed: int = 0, force: bool = False) -> Path:
     model = LlamaForCausalLM(config)
     hf_logging.set_verbosity(verbosity)
     records = [Record(id=str(i), messages=c) for i, c in enumerate(chats)]
-    examples, _ = tokenize_records(records, tokenizer, max_length=256, source="pretraining corpus")
-    for e in examples:  # pre-training: loss on every token
-        e.labels = list(e.input_ids)
+    tokenized, _ = tokenize_records(records, tokenizer, max_length=256, source="pretraining corpus")
+    # pre-training: loss on every token
+    examples = [Example(e.index, e.id, e.input_ids, e.input_ids) for e in tokenized]
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     batch_size, epochs = 32, 4
