@@ -1,8 +1,8 @@
 """Every benchmark of the toolkit in one command, on one machine, in one run: phase throughput against the hardware's
 own baselines, memory and disk as N grows, accuracy per cost (LDS against wall time), and peer libraries.
 
-    python benchmarks/run.py                      # full run (~30-45 min on 2 CPU cores), docs/img/*.png
-    python benchmarks/run.py --quick              # small sizes (~5 min): to check the machinery
+    python benchmarks/run.py                      # full run (~12 min on 2 CPU cores), docs/img/*.png
+    python benchmarks/run.py --quick              # small sizes (a few minutes): to check the machinery
     python benchmarks/run.py --sections phases memory accuracy peers [--threads 1] [--work DIR] [--json OUT]
 
 Sections (each in a fresh subprocess, so its peak memory, `VmHWM`, is its own):
@@ -16,7 +16,8 @@ Sections (each in a fresh subprocess, so its peak memory, `VmHWM`, is its own):
   projection rank 8: featurize, fit, score) and a Daunce run (K = 2 perturbations of `max_steps` 2 each, θ₀ cache
   off: its size is bounded by `theta0_cache_mb` anyway; then both loss-matrix rows of every example, and scoring).
 - accuracy: LDS (ground truth: `llm-attr retrain`, 16 random halves, as `recipes/lds.sh`) against wall time, for
-  Daunce at K = 4..64 (prefixes of one K = 64 run) and the gradient methods at projection ranks 8, 16, 64 and exact.
+  Daunce at K = 4..256 (prefixes of one K = 256 run, scored margin/corr and loss/cov) and the gradient methods at
+  projection ranks 8, 16, 64 and exact.
 - peers: Kronfluence 1.0.1 EK-FAC on the same LoRA modules, data and loss (time, peak memory, LDS), next to ours
   (if-ekfac, exact gradients) in fresh processes; dattri 0.3.0's `lds` recomputes every LDS of the accuracy
   section as a cross-check. Peers: `bash benchmarks/install_peers.sh` (never runtime dependencies).
