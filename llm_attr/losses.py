@@ -113,7 +113,7 @@ def forward_logits(model, batch: dict[str, torch.Tensor], keep_last: int = 0) ->
 
 def response_window(labels: torch.Tensor) -> int:
     """How many last positions hold every response token of the batch and the position before each (`[B, T]`
-    labels, right-padded): the logits `evaluate_signal` needs."""
+    labels, right-padded): the logits a per-example loss or margin needs (training and `evaluate_signal`)."""
     has = labels != IGNORE_INDEX
     first = int(torch.where(has.any(1), has.float().argmax(1), labels.shape[1]).min())
     return labels.shape[1] - max(first - 1, 0)
