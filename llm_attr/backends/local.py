@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..data.records import Record, as_records, records_fingerprint, save_jsonl
-from ..data.tokenize import pad_id_of, tokenize_records
+from ..data.tokenize import pad_id_of, token_lengths, tokenize_records
 from ..errors import ConfigError, ModelError
 from ..io import atomic_write_json, fingerprint
 from ..models.lora import LoraArgs
@@ -159,7 +159,7 @@ class LocalBackend(Backend):
         with self._lock:
             _, tokenizer, _ = self._load(base_model_id)
             examples, _ = tokenize_records(as_records(list(records)), tokenizer, self.args.max_length)
-        return [e.n_tokens for e in examples], True
+        return token_lengths(examples), True
 
     # ------------------------------------------------------------------ the model
 

@@ -21,9 +21,9 @@ IGNORE_INDEX = -100
 class Example:
     """A tokenised record: `input_ids`, and `labels` equal to them on response tokens and -100 elsewhere.
 
-    Stored compactly (an int32 array, and the response's start when the labels are a suffix of the ids, as
-    `tokenize_records` makes them: ~0.4 KB for a 40-token example where two lists of ints took ~2.5 KB), so the
-    examples of a 10⁶-record training set fit in memory; `input_ids` and `labels` are built as lists on access.
+    Stored compactly (an integer array, and the response's start when the labels are a suffix of the ids, as
+    `tokenize_records` makes them), so the examples of a 10⁶-record training set fit in memory; `input_ids` and
+    `labels` are built as lists on access. Immutable; `Examples` holds a whole data set in one flat array.
     """
 
     __slots__ = ("index", "id", "_ids", "_labels")
@@ -109,15 +109,15 @@ class Examples(Sequence):
         """`[N]` int64: each example's length in tokens."""
         return np.diff(self._offsets)
 
+    def __repr__(self) -> str:
+        return f"Examples({len(self)} examples, {len(self._tokens)} tokens)"
+
 
 def token_lengths(examples: Sequence[Example]) -> list[int]:
     """Each example's length in tokens (from the flat offsets for `Examples`, without building the examples)."""
     if isinstance(examples, Examples):
         return examples.n_tokens.tolist()
     return [e.n_tokens for e in examples]
-
-    def __repr__(self) -> str:
-        return f"Examples({len(self)} examples, {len(self._tokens)} tokens)"
 
 
 @dataclass
