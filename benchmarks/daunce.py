@@ -66,14 +66,22 @@ def rss_mib(field: str = "VmHWM") -> float:
     return float("nan")
 
 
-def run_phase(model_spec: str, phase: str, repeats: int) -> dict:
-    """One phase in this process; returns its figures."""
+def run_phase(model_spec: str, phase: str, repeats: int, n_train: int = 240, overrides: dict | None = None) -> dict:
+    """One phase in this process; returns its figures.
+
+    `overrides`: DaunceConfig fields (e.g. `{"precision": "bf16", "lora": {"layers": 4}}`); with `lora.layers` the
+    perturbation runs over the frozen-prefix cache as `Daunce.run` does (built once, reported apart), while the
+    plain epoch and plain inference baselines run the whole model. Both sides use the same `precision`.
+    """
+    import contextlib
+
     from accelerate import Accelerator
 
+    from llm_attr.config import load_config
     from llm_attr.data.backdoor import make_backdoor_task
     from llm_attr.data.records import as_records
     from llm_attr.data.tokenize import collate, pad_id_of, tokenize_records
-    from llm_attr.losses import evaluate_signal, forward_logits
+    from llm_attr.losses import autocast, evaluate_signal, forward_logits
     from llm_attr.methods.daunce import (
         SIGNALS,
         DaunceConfig,
@@ -83,12 +91,15 @@ def run_phase(model_spec: str, phase: str, repeats: int) -> dict:
         perturbation_plan,
     )
     from llm_attr.models.loading import load_model
+    from llm_attr.models.prefix_cache import PrefixCache, first_trainable_layer
     from llm_attr.training import plain_objective, train
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    train_records, queries, _ = make_backdoor_task(n_train=240, n_query=32, fraction=0.05, seed=0)
+    train_records, queries, _ = make_backdoor_task(n_train=n_train, n_query=max(4, n_train // 8), fraction=0.05,
+                                                   seed=0)
     loaded = load_model(model_spec, device=accelerator.device)
-    cfg = DaunceConfig()
+    cfg = load_config(DaunceConfig, None, overrides or {})
+    amp = lambda: autocast(cfg.precision, accelerator.device)  # noqa: E731
     examples, _ = tokenize_records(as_records(train_records), loaded.tokenizer, cfg.max_length)
     query_ex, _ = tokenize_records(as_records(queries), loaded.tokenizer, cfg.max_length)
     every = examples + query_ex
@@ -98,6 +109,16 @@ def run_phase(model_spec: str, phase: str, repeats: int) -> dict:
                  "rss_after_load_mib": rss_mib("VmRSS")}
     pm = PerturbationModel(loaded.model, "new", cfg.lora)
     out["lora_parameters"] = sum(p.numel() for p in pm.trainable.values())
+    out["config"] = {"precision": cfg.precision, "lora_layers": cfg.lora.layers, "lora_rank": cfg.lora.rank}
+    cache = None
+    if first_trainable_layer(pm.model) > 0:
+        t0 = time.perf_counter()
+        cache = PrefixCache(pm.model, first_trainable_layer(pm.model))
+        cache.add(every, pad, batch_size=cfg.eval_batch_size, autocast=amp)
+        out["prefix_cache_seconds"] = time.perf_counter() - t0
+
+    def cached():
+        return cache.active() if cache is not None else contextlib.nullcontext()
 
     def library_epoch() -> None:
         pm.reset(0)
@@ -120,8 +141,9 @@ def run_phase(model_spec: str, phase: str, repeats: int) -> dict:
         pm.model.train()
         for s in range(0, len(order), cfg.batch_size):
             batch = collate([examples[i] for i in order[s:s + cfg.batch_size]], pad)
-            loss = pm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False).loss
+            with amp():
+                loss = pm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
@@ -134,11 +156,14 @@ def run_phase(model_spec: str, phase: str, repeats: int) -> dict:
         pm.reset(plan.init_seed)
         weights = (1 + cfg.rho * (2 * plan.xi - 1)).to(accelerator.device)
         t0 = time.perf_counter()
-        train(pm.model, examples, cfg, pad, accelerator=accelerator, objective=perturbation_objective(
-            theta0, weights, cfg.gamma), subset=plan.subset.tolist(), data_parallel=False, show_progress=False)
+        with cached():
+            train(pm.model, examples, cfg, pad, accelerator=accelerator, objective=perturbation_objective(
+                theta0, weights, cfg.gamma), subset=plan.subset.tolist(), data_parallel=False, show_progress=False)
         t1 = time.perf_counter()
-        for side in (examples, query_ex):  # the loss-matrix row, as Daunce.run computes it
-            evaluate_signal(pm.model, side, pad, batch_size=cfg.eval_batch_size, signal=SIGNALS)
+        with cached():
+            for side in (examples, query_ex):  # the loss-matrix row, as Daunce.run computes it
+                evaluate_signal(pm.model, side, pad, batch_size=cfg.eval_batch_size, signal=SIGNALS,
+                                precision=cfg.precision)
         return t1 - t0, time.perf_counter() - t1
 
     def timed(fn) -> float:
@@ -150,12 +175,14 @@ def run_phase(model_spec: str, phase: str, repeats: int) -> dict:
         out["seconds"] = timed(plain_epoch)
     elif phase == "daunce":
         t0 = time.perf_counter()
-        theta0 = Theta0(pm.model, examples, pad, pm.reference, cfg.theta0_cache_mb, cfg.eval_batch_size)
+        with cached():
+            theta0 = Theta0(pm.model, examples, pad, pm.reference, cfg.theta0_cache_mb, cfg.eval_batch_size)
         out["theta0_cache_seconds"] = time.perf_counter() - t0
         out["train_seconds"], out["evaluate_seconds"] = perturbation(0, theta0)
     else:
         t0 = time.perf_counter()
-        theta0 = Theta0(pm.model, examples, pad, pm.reference, cfg.theta0_cache_mb, cfg.eval_batch_size)
+        with cached():
+            theta0 = Theta0(pm.model, examples, pad, pm.reference, cfg.theta0_cache_mb, cfg.eval_batch_size)
         out["theta0_cache_seconds"] = time.perf_counter() - t0
         order = sorted(range(len(every)), key=lambda i: every[i].n_tokens)
         batches = [collate([every[i] for i in order[s:s + cfg.eval_batch_size]], pad)
@@ -165,7 +192,8 @@ def run_phase(model_spec: str, phase: str, repeats: int) -> dict:
         def inference() -> None:
             pm.model.eval()
             for batch in batches:
-                forward_logits(pm.model, batch)
+                with amp():
+                    forward_logits(pm.model, batch)
 
         plain_epoch()  # warm-up
         library_epoch()
@@ -179,7 +207,7 @@ def run_phase(model_spec: str, phase: str, repeats: int) -> dict:
             rows["evaluate"].append(eval_s)
             rows["inference"].append(timed(inference))
             rows["signal"].append(timed(lambda: evaluate_signal(pm.model, every, pad, batch_size=cfg.eval_batch_size,
-                                                                signal=SIGNALS)))
+                                                                signal=SIGNALS, precision=cfg.precision)))
         out["raw"] = rows
         out.update({f"{k}_seconds": statistics.median(v) for k, v in rows.items()})
         out["perturbation_seconds"] = statistics.median(

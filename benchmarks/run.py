@@ -173,16 +173,21 @@ def profile_table(fn, top: int = 12) -> list[dict]:
 
 def section_phases(p: dict) -> dict:
     work = Path(p["work"])
-    out: dict = {}
-    timing = daunce_bench.run_phase("builtin:tiny", "timing", p["repeats"])
+    model, n_train, overrides = p.get("model", "builtin:tiny"), p.get("n_train", 240), p.get("daunce_set") or {}
+    out: dict = {"model": model, "n_train": n_train, "daunce_set": overrides}
+    timing = daunce_bench.run_phase(model, "timing", p["repeats"], n_train, overrides)
     out["daunce"] = timing
-    run = grad_bench.lora_run_dir("builtin:tiny", work / "tiny-lora")
+    if overrides:  # the same phases with configs/daunce.yaml's own settings, for the comparison
+        out["daunce_default"] = daunce_bench.run_phase(model, "timing", p["repeats"], n_train, {})
+    run = grad_bench.lora_run_dir(model, work / f"{model.replace(':', '-')}-lora")
     rows = [("lora exact" if r == 0 else f"lora rank {r}", "lora", r) for r in p["extract_ranks"]]
     out["extraction"] = grad_bench.throughput(run, p["extract_n"], 16, p["repeats"], rows)
     out["scoring"] = scoring_throughput(p["scoring"], max(3, p["repeats"]), work)
     # where a perturbation's time goes: one plain epoch, and one perturbation (θ₀ cache, training, rows)
-    out["profile"] = {"plain_epoch": profile_table(lambda: daunce_bench.run_phase("builtin:tiny", "finetune", 1)),
-                      "perturbation": profile_table(lambda: daunce_bench.run_phase("builtin:tiny", "daunce", 1))}
+    out["profile"] = {"plain_epoch": profile_table(lambda: daunce_bench.run_phase(model, "finetune", 1, n_train,
+                                                                                  overrides)),
+                      "perturbation": profile_table(lambda: daunce_bench.run_phase(model, "daunce", 1, n_train,
+                                                                                    overrides))}
     return out
 
 
@@ -649,6 +654,12 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="work directory (default: $LLM_ATTR_CACHE or /tmp, /bench-run)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plots", type=Path)
+    ap.add_argument("--model", default="builtin:tiny",
+                    help="the phases section's model (builtin:smollm2-135m: the real-model figures)")
+    ap.add_argument("--n-train", type=int, default=240, help="the phases section's training records")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="DaunceConfig overrides for the phases section (e.g. precision=bf16, lora.layers=4); the "
+                         "phases are then measured with them and with the defaults")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--params", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -660,7 +671,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     json_path = args.json or REPO / "benchmarks" / "results" / ("run_quick.json" if args.quick else "run.json")
     plot_dir = args.plots or (work if args.quick else REPO / "docs" / "img")
-    params = {**SIZES[mode], "threads": args.threads, "work": str(work)}
+    from llm_attr.config import parse_overrides
+
+    params = {**SIZES[mode], "threads": args.threads, "work": str(work), "model": args.model,
+              "n_train": args.n_train, "daunce_set": parse_overrides(args.set)}
+    if args.model != "builtin:tiny" and args.json is None:
+        json_path = json_path.with_name(json_path.stem + "_" + args.model.split(":")[-1].split("/")[-1] + ".json")
     results: dict = json.loads(json_path.read_text()) if json_path.is_file() else {}
     results.update({"machine": machine(), "mode": mode, "threads": args.threads,
                     "command": " ".join(["python", "benchmarks/run.py", *sys.argv[1:]])})

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import LlmAttrError
 from .io import DISK_FULL
+from .methods.registry import PRECONDITIONERS
 
 logger = logging.getLogger("llm_attr")
 
@@ -29,20 +30,115 @@ def command(name: str):
     return register
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file (the command's config dataclass)")
+def _add_config_args(p: argparse.ArgumentParser, config_class: str) -> None:
+    """--config, --set and --print-config of a command whose config dataclass is `config_class` ("module:Name");
+    its fields, defaults and help are listed at the end of the command's --help."""
+    p.add_argument("--config", help="YAML config file (the command's config dataclass; a shipped config's name, "
+                   "e.g. configs/daunce.yaml, works from any folder)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override one config key"
     )
+    p.add_argument("--print-config", action="store_true",
+                   help="print the complete resolved config (defaults, --config, --set) as YAML and exit")
+    p.set_defaults(config_class=config_class)
+
+
+def config_class_of(args: argparse.Namespace) -> type | None:
+    """The config dataclass of the parsed command (`daunce --backend`: the black-box config), or None."""
+    import importlib
+
+    spec = getattr(args, "config_class", None)
+    if getattr(args, "backend", None):
+        spec = "llm_attr.methods.blackbox:BlackBoxConfig"
+    if not spec:
+        return None
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose --help ends with the command's config keys (imported only when help is shown)."""
+
+    def format_help(self) -> str:
+        spec = self.get_default("config_class")
+        if spec and not self.epilog:
+            from .config import config_help
+
+            self.formatter_class = argparse.RawDescriptionHelpFormatter
+            self.epilog = config_help(config_class_of(argparse.Namespace(config_class=spec)))
+        return super().format_help()
+
+
+def _print_config(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    """`llm-attr CMD --print-config [--config F] [--set k=v]`: the resolved config as YAML (other flags optional)."""
+    from .config import config_yaml, load_config
+
+    def relax(p: argparse.ArgumentParser) -> None:
+        for action in p._actions:
+            if action.option_strings:
+                action.required = False
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    relax(child)
+
+    relax(parser)
+    args = parser.parse_args(argv)
+    cls = config_class_of(args)
+    if cls is None:
+        raise LlmAttrError(f"`llm-attr {args.command}` has no config")
+    print(config_yaml(load_config(cls, args.config, args.overrides)), end="")
+    return 0
 
 
 def _add_trust_arg(p: argparse.ArgumentParser) -> None:
+    """The flags of every command that loads a model and reads records: --trust-remote-code, --base, and the data
+    flags (`_add_data_args`)."""
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the model directory's own code (auto_map) to run; off by default")
+    p.add_argument("--base", metavar="DIR_OR_ID",
+                   help="the base model of an adapter given as --model, when it is not where its adapter_config.json "
+                        "(base_model_name_or_path) says")
+    _add_data_args(p)
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    """--columns and --chat: how every command that reads records maps the data's fields onto ours."""
+    g = p.add_argument_group("data columns", "map the data's own fields onto id, prompt, response, messages")
+    g.add_argument("--columns", metavar="OURS=THEIRS,...",
+                   help="field names, e.g. prompt=question,response=answer or messages=conversations,id=uid")
+    g.add_argument("--chat", metavar="KEY=VALUE,...",
+                   help="chat convention of messages-style columns, e.g. role=from,content=value,user=human,"
+                        "assistant=gpt,system=system")
+
+
+def _add_featurize_args(p: argparse.ArgumentParser, model_help: str, out_help: str) -> None:
+    """--model, --train, --query, --out, the model and data flags, --overwrite: every featurize command's."""
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--train", required=True, help="training records (JSONL or saved datasets directory)")
+    p.add_argument("--query", required=True, help="query records whose behaviour to attribute")
+    p.add_argument("--out", required=True, help=out_help + " (a new or empty directory, or a run of this kind)")
+    _add_trust_arg(p)
+    p.add_argument("--overwrite", action="store_true", help="replace a run directory holding another run")
+
+
+def _add_scored_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-score", action="store_true", help="only featurize (score later with `llm-attr score`)")
+    p.add_argument("--top-k", type=int, default=10, help="rows per query in the top-k table")
+
+
+def _add_scoring_args(p: argparse.ArgumentParser) -> None:
+    """The options of `score` and `query`: each applies to the store kinds named (others refuse it by name)."""
+    p.add_argument("--method", choices=list(PRECONDITIONERS),
+                   help="gradient runs: score with this method (default: the run's config)")
+    p.add_argument("--damping", type=float, help="gradient runs: absolute damping λ (default: the run's config)")
+    p.add_argument("--measure", choices=["cov", "corr"], help="Daunce runs; default: the run's config")
+    p.add_argument("--signal", choices=["loss", "margin"], help="Daunce runs; default: the run's config")
+    p.add_argument("--perturbations", type=int, help="Daunce runs: use the first K perturbations only")
+    p.add_argument("--top-k", type=int, default=10, help="rows per query in the top-k table")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llm-attr", description="Training-data attribution for fine-tuned LLMs.")
+    parser = _Parser(prog="llm-attr", description="Training-data attribution for fine-tuned LLMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,8 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace a run directory holding another config")
     _add_trust_arg(p)
-    p.add_argument("--columns", help="map fields to the data's columns, e.g. prompt=question,response=answer")
-    _add_config_args(p)
+    _add_config_args(p, "llm_attr.finetune:FinetuneConfig")
 
     p = sub.add_parser("data", help="make built-in data sets")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -87,57 +182,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_run", help="directory for the demo's files")
 
     p = sub.add_parser("daunce", help="Daunce attribution: K perturbed fine-tunes of the target, then scores")
-    p.add_argument("--model", required=True, help="the target: a fine-tuned run dir, a model dir or builtin:tiny")
-    p.add_argument("--train", required=True, help="training records (JSONL or saved datasets directory)")
-    p.add_argument("--query", required=True, help="query records whose behaviour to attribute")
-    p.add_argument("--out", required=True, help="run directory (store, adapters, scores); re-run to resume")
+    _add_featurize_args(p, "the target: a fine-tuned run dir, a model dir or builtin:tiny",
+                        "run directory (store, adapters, scores); re-run to resume")
     p.add_argument("--backend", choices=["local", "openai"],
                    help="black-box Daunce: K fine-tuning jobs and response log-probs through this backend "
                         "(config: llm_attr.methods.blackbox.BlackBoxConfig); default: white-box Daunce")
     p.add_argument("--yes", action="store_true", help="black-box: confirm the cost estimate of paid jobs")
-    _add_trust_arg(p)
-    p.add_argument("--overwrite", action="store_true", help="replace a run directory holding another run")
-    p.add_argument("--no-score", action="store_true", help="only featurize (score later with `llm-attr score`)")
-    p.add_argument("--top-k", type=int, default=10, help="rows per query in the top-k table")
-    _add_config_args(p)
+    _add_scored_run_args(p)
+    _add_config_args(p, "llm_attr.methods.daunce:DaunceConfig")
 
     p = sub.add_parser("gradients", help="projected-gradient attribution: Grad-Dot/Cos, TracIn, influence (Fisher, "
                        "K-FAC, EK-FAC)")
-    p.add_argument("--model", required=True, help="the target: a fine-tuned run dir (params: lora), or any model")
-    p.add_argument("--train", required=True, help="training records (JSONL or saved datasets directory)")
-    p.add_argument("--query", required=True, help="query records whose behaviour to attribute")
-    p.add_argument("--out", required=True, help="run directory (gradient store, scores); re-run to resume")
-    _add_trust_arg(p)
-    p.add_argument("--overwrite", action="store_true", help="replace a run directory holding another run")
-    p.add_argument("--no-score", action="store_true", help="only featurize (score later with `llm-attr score`)")
-    p.add_argument("--top-k", type=int, default=10, help="rows per query in the top-k table")
-    _add_config_args(p)
+    _add_featurize_args(p, "the target: a fine-tuned run dir (params: lora), or any model",
+                        "run directory (gradient store, scores); re-run to resume")
+    _add_scored_run_args(p)
+    _add_config_args(p, "llm_attr.methods.gradient_attribution:GradientConfig")
 
     p = sub.add_parser("score", help="(re)score a run: scores.safetensors, ids.json, topk.md")
-    p.add_argument("run", help="a run directory written by `llm-attr daunce` or `llm-attr gradients`")
-    p.add_argument("--method", choices=["grad-dot", "grad-cos", "tracin", "if-fisher", "if-kfac", "if-ekfac"],
-                   help="gradient runs: score with this method (default: the run's config)")
-    p.add_argument("--damping", type=float, help="gradient runs: absolute damping λ (default: the run's config)")
-    p.add_argument("--measure", choices=["cov", "corr"], help="default: the run's config")
-    p.add_argument("--signal", choices=["loss", "margin"], help="default: the run's config")
-    p.add_argument("--perturbations", type=int, help="use the first K perturbations only")
+    p.add_argument("run", help="a run directory written by `llm-attr daunce`, `gradients` or `further-train`")
+    _add_scoring_args(p)
     p.add_argument("--self", dest="self_influence", action="store_true",
                    help="self-influence (variance over k per training example) instead of query scores")
-    p.add_argument("--top-k", type=int, default=10)
 
     p = sub.add_parser("query", help="score new queries against a Daunce run (its kept adapters) or a gradient run "
                        "(its stored training gradients), no retraining")
     p.add_argument("run", help="a run directory written by `llm-attr daunce` (keep_adapters: true) or `gradients`")
-    p.add_argument("--method", choices=["grad-dot", "grad-cos", "tracin", "if-fisher", "if-kfac", "if-ekfac"],
-                   help="gradient runs: score with this method (default: the run's config)")
-    p.add_argument("--damping", type=float, help="gradient runs: absolute damping λ (default: the run's config)")
     p.add_argument("--query", required=True, help="query records (JSONL or saved datasets directory)")
-    p.add_argument("--out", required=True, help="directory for scores.safetensors, ids.json, topk.md")
+    p.add_argument("--out", required=True, help="a new directory for scores.safetensors, ids.json, topk.md")
     _add_trust_arg(p)
-    p.add_argument("--measure", choices=["cov", "corr"], help="default: the run's config")
-    p.add_argument("--signal", choices=["loss", "margin"], help="default: the run's config")
-    p.add_argument("--perturbations", type=int, help="use the first K perturbations only")
-    p.add_argument("--top-k", type=int, default=10)
+    _add_scoring_args(p)
     _add_evaluation_parsers(sub)
     return parser
 
@@ -146,23 +219,15 @@ def _add_evaluation_parsers(sub) -> None:
     """further-train, retrain, eval lds|compare|backdoor|removal, report (llm_attr.evaluation)."""
     p = sub.add_parser("further-train", help="further-training reference: paired runs from the final model without "
                        "each left-out example (config: llm_attr.methods.further_training.FurtherTrainingConfig)")
-    p.add_argument("--model", required=True, help="the final model: a fine-tuned run dir (or any model spec)")
-    p.add_argument("--train", required=True, help="training records")
-    p.add_argument("--query", required=True, help="query records")
-    p.add_argument("--out", required=True, help="run directory (store, reference.safetensors); re-run to resume")
-    _add_trust_arg(p)
-    p.add_argument("--overwrite", action="store_true", help="replace a run directory holding another run")
-    _add_config_args(p)
+    _add_featurize_args(p, "the final model: a fine-tuned run dir (or any model spec)",
+                        "run directory (store, reference.safetensors); re-run to resume")
+    _add_config_args(p, "llm_attr.methods.further_training:FurtherTrainingConfig")
 
     p = sub.add_parser("retrain", help="LDS ground truth: retrain on M random subsets, record query losses "
                        "(config: llm_attr.evaluation.retrain.RetrainConfig; --set from=base|final)")
-    p.add_argument("--model", required=True, help="the target run dir (from=base: its base and finetune config)")
-    p.add_argument("--train", required=True, help="training records")
-    p.add_argument("--query", required=True, help="query records")
-    p.add_argument("--out", required=True, help="store directory; re-run to resume")
-    _add_trust_arg(p)
-    p.add_argument("--overwrite", action="store_true", help="replace a directory holding another run")
-    _add_config_args(p)
+    _add_featurize_args(p, "the target run dir (from=base: its base and finetune config)",
+                        "store directory; re-run to resume")
+    _add_config_args(p, "llm_attr.evaluation.retrain:RetrainConfig")
 
     p = sub.add_parser("eval", help="evaluate attribution scores: lds, compare, backdoor, removal")
     esub = p.add_subparsers(dest="eval_command", required=True)
@@ -181,10 +246,10 @@ def _add_evaluation_parsers(sub) -> None:
     e.add_argument("--k", default="5,10,20", help="k of precision/recall@k")
     e.add_argument("--target", help="target run dir: also retrain without each method's top-k (and k random)")
     e.add_argument("--remove-k", default="12", help="removal sizes, comma-separated (with --target)")
-    e.add_argument("--query", help="triggered queries for the success rate (default: the first run's query.jsonl)")
+    e.add_argument("--query", help="triggered queries for the success rate (default: the first run's inputs/query.jsonl)")
     e.add_argument("--out", help="JSON to write (default: backdoor.json beside the first run)")
     _add_trust_arg(e)
-    _add_config_args(e)
+    _add_config_args(e, "llm_attr.evaluation.removal:RemovalConfig")
     e = esub.add_parser("removal", help="remove each query's top-k, retrain from the base, measure loss + task")
     e.add_argument("--scores", nargs="+", required=True, help="scored run directories")
     e.add_argument("--train", required=True, help="training records")
@@ -194,11 +259,15 @@ def _add_evaluation_parsers(sub) -> None:
     e.add_argument("--k", help="removal sizes, comma-separated (default: the config's)")
     e.add_argument("--out", required=True, help="JSON to write (removal.json)")
     _add_trust_arg(e)
-    _add_config_args(e)
+    _add_config_args(e, "llm_attr.evaluation.removal:RemovalConfig")
 
-    p = sub.add_parser("report", help="Markdown report with PNG plots from evaluation JSON outputs")
-    p.add_argument("inputs", nargs="+", help="eval JSON files or directories holding them")
-    p.add_argument("--out", required=True, help="report directory (report.md + PNGs)")
+    p = sub.add_parser("report", help="Markdown report with PNG plots from evaluation JSON outputs; report.html "
+                       "for scored run directories")
+    p.add_argument("inputs", nargs="+", help="eval JSON files, directories holding them, scored run directories")
+    p.add_argument("--out", required=True, help="report directory (report.md + PNGs, report.html)")
+    p.add_argument("--truth", help="report.html: file of relevant training ids (JSON list or one per line); "
+                   "default: metadata.poisoned of the training records")
+    p.add_argument("--top-k", type=int, default=10, help="report.html: training examples shown per query")
 
 
 @command("finetune")
@@ -211,13 +280,13 @@ def _finetune(args: argparse.Namespace) -> None:
              trust_remote_code=args.trust_remote_code, columns=parse_columns(args.columns))
 
 
-def parse_columns(spec: str | None) -> dict[str, str] | None:
+def parse_columns(spec: str | None, flag: str = "--columns") -> dict[str, str] | None:
     """`"prompt=question,response=answer"` -> `{"prompt": "question", "response": "answer"}`."""
     if not spec:
         return None
     pairs = [p.split("=", 1) for p in spec.split(",") if p.strip()]
     if any(len(p) != 2 for p in pairs):
-        raise LlmAttrError(f"--columns {spec!r}: expected ours=theirs pairs separated by commas")
+        raise LlmAttrError(f"{flag} {spec!r}: expected key=value pairs separated by commas")
     return {k.strip(): v.strip() for k, v in pairs}
 
 
@@ -273,6 +342,8 @@ def _generate(args: argparse.Namespace) -> None:
     from .io import atomic_write_text
     from .models.loading import load_model
 
+    if args.out and Path(args.out).resolve() == Path(args.data).resolve():
+        raise LlmAttrError(f"--out {args.out} is the --data file itself; write the generations to another file")
     records = load_records(args.data)
     loaded = load_model(args.model)
     outputs = generate_responses(
@@ -301,81 +372,58 @@ def _daunce(args: argparse.Namespace) -> None:
         from .methods.blackbox import cli_daunce
 
         return cli_daunce(args)
-    from .config import load_config
     from .methods.daunce import Daunce, DaunceConfig
 
-    config = load_config(DaunceConfig, args.config, args.overrides)
-    daunce = Daunce(config)
-    out = daunce.run(args.model, args.train, args.query, args.out, overwrite=args.overwrite,
-                     score=not args.no_score, top_k=args.top_k)
-    if daunce.scores is not None:  # the main process scored
-        print(daunce.scores["table"])
-        print(f"scores: {out / 'scores.safetensors'}   top-k table: {out / 'topk.md'}")
+    _featurize(args, Daunce, DaunceConfig)
+
+
+def _featurize(args: argparse.Namespace, method_class: type, config_class: type) -> None:
+    """`llm-attr daunce|gradients`: build the method from its config, run it into --out, print the top-k table."""
+    from .config import load_config
+    from .scoring import scores_line
+
+    method = method_class(load_config(config_class, args.config, args.overrides))
+    method.run(args.model, args.train, args.query, args.out, overwrite=args.overwrite, score=not args.no_score,
+               top_k=args.top_k)
+    if method.scores is not None:  # the main process scored
+        print(method.scores["table"])
+        print(scores_line(args.out))
 
 
 @command("gradients")
 def _gradients(args: argparse.Namespace) -> None:
-    from .config import load_config
     from .methods.gradient_attribution import GradientAttribution, GradientConfig
 
-    config = load_config(GradientConfig, args.config, args.overrides)
-    method = GradientAttribution(config)
-    out = method.run(args.model, args.train, args.query, args.out, overwrite=args.overwrite,
-                     score=not args.no_score, top_k=args.top_k)
-    if method.scores is not None:  # the main process scored
-        print(method.scores["table"])
-        print(f"scores: {out / 'scores.safetensors'}   top-k table: {out / 'topk.md'}")
+    _featurize(args, GradientAttribution, GradientConfig)
 
 
 @command("score")
 def _score(args: argparse.Namespace) -> None:
-    from .methods import gradient_attribution
-    from .methods.daunce import METHOD, score_run, score_self_influence
+    from .methods.registry import method_for
     from .store import Store
 
-    manifest = Store.open(args.run).manifest
-    gradient_run = manifest["method"] == gradient_attribution.METHOD
-    daunce_only = [f for f, v in (("--measure", args.measure), ("--signal", args.signal),
-                                  ("--perturbations", args.perturbations), ("--self", args.self_influence)) if v]
-    gradient_only = [f for f, v in (("--method", args.method), ("--damping", args.damping)) if v is not None]
-    if (daunce_only if gradient_run else gradient_only):
-        raise LlmAttrError(f"{args.run}: {', '.join(daunce_only if gradient_run else gradient_only)} "
-                           f"do not apply to a {manifest['method']} run")
-    if gradient_run:
-        info = gradient_attribution.score_run(args.run, method=args.method, damping=args.damping, top_k=args.top_k)
-        print(info["table"])
-        print(f"scores: {Path(args.run) / 'scores.safetensors'}   top-k table: {Path(args.run) / 'topk.md'}")
-        return
-    if manifest["method"] != METHOD:
-        raise LlmAttrError(f"{args.run}: `llm-attr score` does not handle {manifest['method']!r} stores yet")
-    signal = args.signal or manifest["config"]["signal"]
-    if args.self_influence:
-        info = score_self_influence(args.run, signal=signal, perturbations=args.perturbations, top_k=args.top_k)
-        print(info["table"])
-        print(f"self-influence: {Path(args.run) / 'self_influence.safetensors'}")
-        return
-    info = score_run(args.run, measure=args.measure or manifest["config"]["measure"], signal=signal,
-                     perturbations=args.perturbations, top_k=args.top_k)
+    entry = method_for(Store.open(args.run).manifest.get("method"), args.run)
+    _print_scoring(entry.run_score(args.run, args.top_k, self_influence=args.self_influence, **_scoring_options(args)))
+
+
+def _scoring_options(args: argparse.Namespace) -> dict:
+    """The options of `score` and `query` (each method takes its own and refuses the others by name)."""
+    return {"measure": args.measure, "signal": args.signal, "perturbations": args.perturbations,
+            "method": args.method, "damping": args.damping}
+
+
+def _print_scoring(info: dict) -> None:
     print(info["table"])
-    print(f"scores: {Path(args.run) / 'scores.safetensors'}   top-k table: {Path(args.run) / 'topk.md'}")
+    print(info["files"])
 
 
 @command("query")
 def _query(args: argparse.Namespace) -> None:
-    from .methods import gradient_attribution
-    from .methods.daunce import query_run
+    from .methods.registry import method_for
     from .store import Store
 
-    if Store.open(args.run).manifest["method"] == gradient_attribution.METHOD:
-        info = gradient_attribution.query_run(args.run, args.query, args.out, method=args.method,
-                                              damping=args.damping, top_k=args.top_k)
-        print(info["table"])
-        print(f"scores: {Path(args.out) / 'scores.safetensors'}   top-k table: {Path(args.out) / 'topk.md'}")
-        return
-    info = query_run(args.run, args.query, args.out, measure=args.measure, signal=args.signal,
-                     perturbations=args.perturbations, top_k=args.top_k)
-    print(info["table"])
-    print(f"scores: {Path(args.out) / 'scores.safetensors'}   top-k table: {Path(args.out) / 'topk.md'}")
+    entry = method_for(Store.open(args.run).manifest.get("method"), args.run)
+    _print_scoring(entry.run_query(args.run, args.query, args.out, args.top_k, **_scoring_options(args)))
 
 
 def _ints(spec: str) -> list[int]:
@@ -404,9 +452,9 @@ def _further_train(args: argparse.Namespace) -> None:
 
 
 def _is_main_process() -> bool:
-    from accelerate import PartialState
+    from .context import run_context
 
-    return PartialState().is_main_process
+    return run_context().is_main_process
 
 
 @command("retrain")
@@ -443,7 +491,11 @@ def _eval(args: argparse.Namespace) -> None:
         if args.target:
             cfg = load_config(RemovalConfig, args.config, args.overrides)
             cfg.k = _ints(args.remove_k)
-            query = args.query or Path(args.scores[0]) / "query.jsonl"
+            from .store import run_input
+
+            query = args.query or run_input(args.scores[0], "query")
+            if query is None:
+                raise LlmAttrError(f"{args.scores[0]}: holds no copy of its queries (inputs/query.jsonl); pass --query")
             methods = [compare.load_scores(r) for r in args.scores]
             result["removal"] = removal_study(args.target, load_records(args.train), load_records(query), methods,
                                               cfg, per_query=False, task="backdoor")
@@ -470,7 +522,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from .evaluation.report import write_report
 
-    print(f"report: {write_report(args.inputs, args.out)}")
+    print(f"report: {write_report(args.inputs, args.out, top_k=args.top_k, truth=args.truth)}")
 
 
 def one_line(message: str) -> str:
@@ -479,13 +531,23 @@ def one_line(message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .models.loading import remote_code_trusted
+    from .data.records import data_mapping
+    from .models.loading import base_model, remote_code_trusted
     from .utils import setup_logging
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--print-config" in argv:
+        try:
+            return _print_config(build_parser(), argv)
+        except LlmAttrError as e:
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO)
     try:
-        with remote_code_trusted(getattr(args, "trust_remote_code", False)):
+        with (remote_code_trusted(getattr(args, "trust_remote_code", False)), base_model(getattr(args, "base", None)),
+              data_mapping(parse_columns(getattr(args, "columns", None)),
+                           parse_columns(getattr(args, "chat", None), "--chat"))):
             COMMANDS[args.command](args)
     except LlmAttrError as e:
         if args.debug:

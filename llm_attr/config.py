@@ -127,11 +127,39 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def at_least(cfg: Any, **minimums: float) -> None:
+    """`ValueError("NAME must be >= LOW, got VALUE")` for the first field of `cfg` below its minimum."""
+    for name, low in minimums.items():
+        value = getattr(cfg, name)
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def builtin_config_dir() -> Path:
+    """The folder of the YAML configs shipped inside the package (`llm_attr/configs`; `configs/` in the repo)."""
+    from importlib.resources import files
+
+    return Path(str(files("llm_attr") / "configs"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """`path` itself when it exists, else the shipped config of that name (`daunce.yaml`, `configs/tiny/x.yaml`),
+    so that `--config configs/daunce.yaml` works from any folder and after a wheel install."""
+    path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    parts = path.parts[1:] if path.parts and path.parts[0] == "configs" else path.parts
+    shipped = builtin_config_dir().joinpath(*parts) if parts else None
+    return shipped if shipped is not None and shipped.is_file() else path
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | dict | None = None) -> T:
-    """Defaults of `cls`, then the YAML file at `path`, then `--set` overrides; validated."""
+    """Defaults of `cls`, then the YAML file at `path` (or the shipped config of that name), then `--set`
+    overrides; validated."""
     data: dict[str, Any] = {}
     where = "config"
     if path is not None:
+        path = resolve_config_path(path)
         where = str(path)
         try:
             loaded = yaml.safe_load(Path(path).read_text()) or {}
@@ -153,3 +181,62 @@ def save_config(cfg: Any, path: str | Path) -> None:
     from .io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------------- help: --help and --print-config
+
+
+def field_help(cls: type, name: str) -> str:
+    """The help text of field `name` of dataclass `cls`: its own metadata, else the nearest base class's."""
+    for klass in cls.__mro__:
+        if dataclasses.is_dataclass(klass):
+            for f in dataclasses.fields(klass):
+                if f.name == name and f.metadata.get("help"):
+                    return f.metadata["help"]
+    return ""
+
+
+def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, str, bool]]:
+    """`(key, default, help, is_section)` of every field of `cls` in declaration order, nested dataclasses as a
+    section line followed by their own `a.b` keys (the `--set` keys)."""
+    out: list[tuple[str, Any, str, bool]] = []
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        key, value = f"{prefix}{f.name}", getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            out.append((key, None, field_help(cls, f.name), True))
+            out += describe_fields(type(value), prefix=f"{key}.")
+        else:
+            out.append((key, value, field_help(cls, f.name), False))
+    return out
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip().removesuffix("...").strip()
+
+
+def config_help(cls: type) -> str:
+    """The `--help` epilog of a command whose config is `cls`: every `--set` key with its default and help."""
+    lines = [f"config keys of {cls.__name__} (--config FILE.yaml, --set KEY=VALUE; --print-config writes the YAML):"]
+    for key, default, help_, section in describe_fields(cls):
+        if section:
+            lines.append(f"  {key}.*: {help_}")
+        else:
+            lines.append(f"  {key} = {_yaml_value(default)}: {help_}")
+    return "\n".join(lines)
+
+
+def config_yaml(cfg: Any, indent: str = "") -> str:
+    """`cfg` as a complete YAML document, each key preceded by its help as a comment (loads back to `cfg`)."""
+    lines = []
+    for f in dataclasses.fields(cfg):
+        help_ = field_help(type(cfg), f.name)
+        if help_:
+            lines.append(f"{indent}# {help_}")
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{indent}{f.name}:")
+            lines.append(config_yaml(value, indent + "  ").rstrip("\n"))
+        else:
+            lines.append(f"{indent}{f.name}: {_yaml_value(value)}")
+    return "\n".join(lines) + "\n"

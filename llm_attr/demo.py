@@ -9,7 +9,7 @@ import logging
 import time
 from pathlib import Path
 
-from .config import load_config
+from .config import builtin_config_dir, load_config
 from .data.backdoor import DEFAULT_TARGET, DEFAULT_TRIGGER, follows_backdoor, make_backdoor_task
 from .data.records import as_records, save_jsonl
 from .finetune import FinetuneConfig, finetune
@@ -18,7 +18,7 @@ from .models.loading import load_model
 
 logger = logging.getLogger("llm_attr.demo")
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = builtin_config_dir()
 
 
 def backdoor_rates(run_dir: Path, triggered: list, clean: list) -> tuple[float, float]:
@@ -81,7 +81,8 @@ DEMO_GRADIENTS = {"method": "if-kfac", "projection_rank": 0}
 
 def _attribute(method, name: str, target: Path, out: Path, train: list[dict], n_poison: int) -> tuple[Path, dict]:
     """Run `method` on the triggered queries into `out/name`, log its top-k table; (run, retrieval metrics)."""
-    from .scoring import load_scores, retrieval_metrics
+    from .evaluation.metrics import retrieval_metrics
+    from .scoring import load_scores
 
     run = method.run(str(target), out / "train.jsonl", out / "query_triggered.jsonl", out / name, top_k=n_poison)
     poisoned = [bool(r["metadata"]["poisoned"]) for r in train]

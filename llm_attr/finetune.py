@@ -33,10 +33,10 @@ logger = logging.getLogger(__name__)
 class FinetuneConfig(TrainingArgs):
     """`configs/finetune.yaml`: optimisation (see TrainingArgs), the LoRA adapter, and how the base is loaded."""
 
-    lora: LoraArgs = field(default_factory=LoraArgs)
-    quantization: Literal["none", "4bit", "8bit"] = "none"
-    dtype: str = "auto"
-    attn_implementation: str | None = None
+    lora: LoraArgs = field(default_factory=LoraArgs, metadata={"help": "the LoRA adapter to train"})
+    quantization: Literal["none", "4bit", "8bit"] = field(default="none", metadata={"help": "load the base in 4bit or 8bit through bitsandbytes (GPU only), or none"})
+    dtype: str = field(default="auto", metadata={"help": "weights dtype: auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16"})
+    attn_implementation: str | None = field(default=None, metadata={"help": "attention kernel passed to transformers (eager, sdpa, ...); null: its default"})
     save_steps: int = field(default=50, metadata={"help": "optimiser steps between checkpoints (0: none); a killed "
                                                           "run resumes from the last one"})
 
@@ -58,10 +58,11 @@ def check_run_dir(out: Path, kind: str, fp: str, overwrite: bool) -> bool:
     if overwrite:
         return False
     if old.get("kind") != kind or old.get("fingerprint") != fp:
-        raise RunDirError(
-            f"{out}: already holds a {old.get('kind')} run with a different model, data or config "
-            f"(fingerprint {old.get('fingerprint')} != {fp}); choose another --out or pass --overwrite"
-        )
+        from .store import describe_manifest
+
+        what = f"a {kind!r} run" if old.get("kind") == kind else describe_manifest(old)
+        raise RunDirError(f"{out}: already holds {what} with a different model, data or config; choose another "
+                          "--out or pass --overwrite")
     return old.get("complete", False)
 
 
@@ -83,8 +84,11 @@ def finetune(
     """
     from accelerate import Accelerator
 
+    from .pipeline import check_out
+
     config = config or FinetuneConfig()
     out = Path(out)
+    check_out(out, "finetune", {"train": train_data, "model": model}, overwrite=overwrite, resumable=(CHECKPOINTS,))
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     records: list[Record] = (
         load_records(train_data, columns=columns) if isinstance(train_data, (str, Path)) else as_records(train_data)
@@ -116,8 +120,14 @@ def finetune(
         "fine-tuning %s on %d examples (%d trainable LoRA parameters)", loaded.spec, len(examples), n_trainable
     )
     checkpoint = Checkpointing(out / CHECKPOINTS, config.save_steps, fp) if config.save_steps else None
+    from .training import _num_steps
+    from .utils import Overall
+
+    steps = _num_steps(config, len(examples), accelerator.num_processes)
+    overall = Overall(steps if accelerator.is_main_process else 0, "fine-tuning step", log=logger, bar=False)
     result = train(peft_model, examples, config, pad_id_of(tokenizer), accelerator=accelerator,
-                   checkpoint=checkpoint)
+                   checkpoint=checkpoint, on_step=lambda step: overall.update(step - overall.count))
+    overall.close()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         unwrapped = accelerator.unwrap_model(peft_model)

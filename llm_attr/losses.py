@@ -15,6 +15,30 @@ from .models.lora import merged_lora_forward
 from .utils import progress
 
 Signal = Literal["loss", "margin"]
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether `device` computes bf16 matmuls natively: CUDA with bf16 support, or a CPU with AMX / avx512_bf16."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            flags = open("/proc/cpuinfo").read()
+        except OSError:
+            return False
+        return " avx512_bf16" in flags or " amx_bf16" in flags
+    return False
+
+
+def autocast(precision: str, device: torch.device | str):
+    """The autocast context of a `precision` (fp32 | bf16 | auto, see `TrainingArgs.precision`) on `device`."""
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    enabled = precision == "bf16" or (precision == "auto" and native_bf16(device))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
@@ -128,12 +152,14 @@ def evaluate_signal(
     batch_size: int = 32,
     signal: Signal | tuple[Signal, ...] = "loss",
     desc: str | None = None,
+    precision: str = "fp32",
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """Per-example signal of every example under `model`: `[N]` float32 in the order of `examples`.
 
     Examples are batched by length (less padding), results put back in input order. With a tuple of signals,
     one forward pass gives all of them, returned as `{signal: [N]}`. The lm_head runs only from the batch's first
-    response token on, and LoRA layers run with their weights summed (`merged_lora_forward`).
+    response token on, and LoRA layers run with their weights summed (`merged_lora_forward`). `precision`: the
+    matmuls' (`autocast`); the signals are computed from fp32 logits either way.
     """
     signals = (signal,) if isinstance(signal, str) else tuple(signal)
     was_training = model.training
@@ -144,7 +170,7 @@ def evaluate_signal(
     for idx in progress(batches, desc=desc, disable=desc is None):
         batch = collate([examples[i] for i in idx], pad_id)
         keep = response_window(batch["labels"])
-        with merged_lora_forward(model):
+        with merged_lora_forward(model), autocast(precision, next(model.parameters()).device):
             logits = forward_logits(model, batch, keep_last=keep)
         values = per_example_signals(logits, batch["labels"][:, -keep:].to(logits.device), signals)
         for s in signals:

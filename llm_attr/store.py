@@ -3,13 +3,15 @@
 Layout of a store directory:
 
     manifest.json              method, fingerprint, config, model, ids, shapes, dtype, complete shards + sha256
+    inputs/{train,query}.jsonl the tool's copies of the records it was given
     shards/NAME.safetensors    the tensors of one shard (Daunce: one perturbation; gradients: a block of rows)
     shards/NAME.json           its sidecar: sha256 of the .safetensors file, tensor shapes, free-form meta
 
 Both files of a shard are written atomically (temp file + rename), the sidecar last: a shard is complete only when
 its sidecar exists and the checksum of its file matches. A process writes only the shards it computed, so several
 processes (`accelerate launch`) never write the same file; the main process refreshes the manifest's shard list
-(`Store.finalize`). A corrupted or torn shard is logged, deleted and reported missing, never read.
+(`Store.finalize`). A corrupted or torn shard is logged and reported missing, never read, and never deleted by
+a reader: the command that writes it replaces it.
 """
 
 from __future__ import annotations
@@ -26,13 +28,32 @@ import torch
 
 from .errors import RunDirError
 from .faults import fault_point
-from .io import atomic_write, atomic_write_json, contained_path, file_fingerprint, fingerprint
+from .io import atomic_write, atomic_write_json, contained_path
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 STORE_VERSION = 1
+
+
+#: The folder of a run directory that holds the tool's copies of its inputs (train.jsonl, query.jsonl): names that
+#: cannot collide with the user's own files.
+INPUTS_DIR = "inputs"
+
+
+def input_copy(run: str | Path, side: str) -> Path:
+    """Where a run keeps its copy of the `side` ("train" or "query") records: `RUN/inputs/<side>.jsonl`."""
+    return Path(run) / INPUTS_DIR / f"{side}.jsonl"
+
+
+def run_input(run: str | Path, side: str) -> Path | None:
+    """The run's copy of its `side` records (`RUN/inputs/<side>.jsonl`, or `RUN/<side>.jsonl` in a run written
+    before the copies moved there), or None if it has none."""
+    for path in (input_copy(run, side), Path(run) / f"{side}.jsonl"):
+        if path.is_file():
+            return path
+    return None
 
 
 class ShardError(RunDirError):
@@ -86,13 +107,19 @@ class Store:
         """
         store = cls(root)
         existing = store.read_manifest()
-        if existing is not None and not overwrite:
+        restart = existing is not None and not overwrite and store._computed_nothing(existing, method)
+        if existing is not None and not overwrite and not restart:
             store._check_identity(existing, method, fingerprint)
         if barrier is not None:
             barrier()
         if is_main:
+            if restart and existing.get("fingerprint") != fingerprint:
+                logger.info("%s: the %s run there stopped before computing anything; starting it again with this "
+                            "command's model, data and config", store.root, method)
+                (store.root / MANIFEST).unlink(missing_ok=True)
+                existing = None
             if existing is not None and overwrite:
-                logger.warning("%s: --overwrite: deleting the %s store there", store.root, existing.get("method"))
+                logger.warning("%s: --overwrite: deleting %s there", store.root, describe_manifest(existing))
                 shutil.rmtree(store.root / SHARD_DIR, ignore_errors=True)
                 (store.root / MANIFEST).unlink(missing_ok=True)
                 existing = None
@@ -118,16 +145,25 @@ class Store:
         if manifest is None or "store_version" not in manifest:
             raise RunDirError(f"{store.root}: not a store directory (no {MANIFEST} written by a featurize command)")
         if method is not None and manifest.get("method") != method:
-            raise RunDirError(f"{store.root}: holds a {manifest.get('method')!r} store, not {method!r}")
+            raise RunDirError(f"{store.root}: holds {describe_manifest(manifest)}, not {method!r}")
         return store
 
+    def _computed_nothing(self, old: dict[str, Any], method: str) -> bool:
+        """Whether `old` is a store of `method` that holds no shard and no submitted job: nothing to lose."""
+        if old.get("method") != method or "store_version" not in old:
+            return False
+        if any(entry.get("job_id") for entry in (old.get("jobs") or {}).values() if isinstance(entry, dict)):
+            return False
+        return next((self.root / SHARD_DIR).glob("*.json"), None) is None
+
     def _check_identity(self, old: dict[str, Any], method: str, fp: str) -> None:
-        if old.get("method") != method or old.get("fingerprint") != fp:
-            what = old.get("method") or old.get("kind") or "unknown"
+        if old.get("method") != method:
+            raise RunDirError(f"{self.root}: already holds {describe_manifest(old)}, not a {method!r} store; choose "
+                              "another --out, or pass --overwrite to delete it")
+        if old.get("fingerprint") != fp:
             raise RunDirError(
-                f"{self.root}: already holds a {what} run with a different model, data or config "
-                f"(fingerprint {old.get('fingerprint')} != {fp}); its shards cannot be mixed with this run's. "
-                "Choose another --out, or pass --overwrite to delete it"
+                f"{self.root}: already holds a {method!r} run with a different model, data or config; its shards "
+                "cannot be mixed with this run's. Choose another --out, or pass --overwrite to delete it"
             )
 
     def read_manifest(self) -> dict[str, Any] | None:
@@ -224,20 +260,17 @@ class Store:
         self._verified[name] = (stat.st_size, stat.st_mtime_ns, digest)
         return True
 
-    def _discard(self, name: str, why: str) -> None:
-        logger.warning("%s: shard %s %s; deleting it so that it is recomputed", self.root, name, why)
-        self._sidecar_path(name).unlink(missing_ok=True)
-        self.shard_path(name).unlink(missing_ok=True)
-        self._verified.pop(name, None)
-
     def missing(self, names: Iterable[str], verify: bool = True) -> list[str]:
-        """The shards of `names` not complete yet; corrupted ones (checksum mismatch) are logged and deleted."""
+        """The shards of `names` not complete yet; corrupted ones (checksum mismatch) are logged and reported
+        missing. Nothing is deleted: the command that writes a shard replaces a corrupted one atomically."""
         out = []
         for name in names:
             if self.is_complete(name, verify=verify):
                 continue
             if self.shard_info(name) is not None and self.shard_path(name).is_file():
-                self._discard(name, "does not match its checksum (corrupted or torn)")
+                logger.warning("%s: shard %s does not match its checksum (corrupted or torn); it counts as missing "
+                               "and is recomputed by the command that writes it", self.root, name)
+                self._verified.pop(name, None)
             out.append(name)
         return out
 
@@ -289,52 +322,12 @@ class Store:
         return manifest
 
 
-# ---------------------------------------------------------------------- identities of inputs
-
-
-def _weights_fingerprint(folder: Path) -> list[Any]:
-    """(name, size, sha256 prefix) of a model directory's config and weight files; big files by size + ends."""
-    out: list[Any] = []
-    for p in sorted(folder.iterdir()):
-        if not p.is_file() or not p.name.endswith((".json", ".safetensors", ".bin", ".gguf", ".pt")):
-            continue
-        size = p.stat().st_size
-        if size <= 256 << 20:
-            out.append([p.name, size, file_fingerprint(p)])
-        else:  # hashing many GB each run is too slow: size plus the first and last MiB
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                h.update(f.read(1 << 20))
-                f.seek(max(0, size - (1 << 20)))
-                h.update(f.read(1 << 20))
-            out.append([p.name, size, h.hexdigest()[:16]])
-    return out
-
-
-def model_fingerprint(spec: str) -> str:
-    """Fingerprint of the model a spec names: a run directory's adapter and manifest, recursively its base."""
-    from .models.loading import _resolve_plain, is_run_dir, run_base
-
-    if is_run_dir(spec):
-        run = Path(spec)
-        return fingerprint({"run": _weights_fingerprint(run / "adapter"), "base": model_fingerprint(run_base(spec))})
-    try:
-        path, _ = _resolve_plain(spec)
-    except Exception:
-        return fingerprint({"spec": spec})
-    folder = Path(path)
-    if folder.is_dir():
-        return fingerprint({"dir": _weights_fingerprint(folder)})
-    return fingerprint({"spec": spec})  # hub id: the id is all we know without a download
-
-
-def module_fingerprint(model: torch.nn.Module, max_elements: int = 1 << 16) -> str:
-    """Fingerprint of an in-memory model: names, shapes, dtypes and a strided sample of every parameter's values."""
-    h = hashlib.sha256()
-    for name, p in model.state_dict().items():
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // max_elements)
-        sample = flat[::step].float().cpu().numpy().tobytes()
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-        h.update(sample)
-    return h.hexdigest()[:16]
+def describe_manifest(manifest: dict[str, Any]) -> str:
+    """What a manifest says is there, in words (never "None" or "unknown")."""
+    if manifest.get("method"):
+        return f"a {manifest['method']!r} store"
+    if manifest.get("kind"):
+        return f"a {manifest['kind']!r} run"
+    if not manifest:
+        return "an unreadable or empty manifest.json"
+    return "a manifest.json not written by a featurize command"

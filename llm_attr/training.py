@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from .data.tokenize import Example, collate
+from .data.tokenize import Example, collate, token_lengths
 from .errors import LlmAttrError, RunDirError
 from .faults import fault_point
 from .io import atomic_write
-from .losses import forward_logits, per_example_loss, response_window
+from .losses import PRECISIONS, autocast, forward_logits, per_example_loss, response_window
 from .utils import progress
 
 logger = logging.getLogger(__name__)
@@ -43,18 +43,27 @@ class TrainingError(LlmAttrError):
 class TrainingArgs:
     """Optimisation settings shared by every command that trains."""
 
-    epochs: float = 3.0
-    max_steps: int = 0  # > 0 overrides epochs
-    learning_rate: float = 3e-4
-    batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 512
-    seed: int = 0
+    epochs: float = field(default=3.0, metadata={"help": "passes over the training set (ignored when max_steps > 0)"})
+    max_steps: int = field(default=0, metadata={"help": "optimiser steps; > 0 overrides epochs"})
+    learning_rate: float = field(default=3e-4, metadata={"help": "peak learning rate of the optimiser"})
+    batch_size: int = field(default=16, metadata={"help": "examples per optimiser step (before gradient accumulation)"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches accumulated into one optimiser step"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of the steps with a linear learning-rate warm-up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clipping (0: none)"})
+    max_length: int = field(default=512, metadata={"help": "tokens per example; longer ones lose prompt tokens from the left first"})
+    seed: int = field(default=0, metadata={"help": "seed of the LoRA initialisation, dropout and data order"})
+    precision: str = field(default="fp32", metadata={"help": (
+        "matmul precision of forward and backward passes: fp32, or bf16 (autocast; weights, optimiser and losses "
+        "stay fp32); auto: bf16 where the device computes it natively (CUDA with bf16, a CPU with AMX or "
+        "avx512_bf16), fp32 elsewhere")})
+    group_by_length: bool = field(default=False, metadata={"help": (
+        "batch examples of similar length (shuffled blocks of 50 batches, each sorted by length, the batches "
+        "then shuffled): less padding computed, a different but equally random batch order")})
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.batch_size < 1:
@@ -91,8 +100,9 @@ class Checkpointing:
 class EpochShuffle(torch.utils.data.Sampler):
     """A permutation of `range(n)` per epoch that depends only on (seed, epoch): a resumed run sees the same order."""
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, lengths: list[int] | None = None, batch_size: int = 1):
         self.n, self.seed, self.epoch = n, seed, 0
+        self.lengths, self.batch_size = lengths, batch_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -102,7 +112,18 @@ class EpochShuffle(torch.utils.data.Sampler):
 
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=gen).tolist())
+        order = torch.randperm(self.n, generator=gen).tolist()
+        if self.lengths is None:
+            return iter(order)
+        # group by length: blocks of 50 batches sorted by length, cut into batches, the batches shuffled
+        block = 50 * self.batch_size
+        batches = []
+        for s in range(0, self.n, block):
+            part = sorted(order[s : s + block], key=lambda i: -self.lengths[i])
+            batches += [part[b : b + self.batch_size] for b in range(0, len(part), self.batch_size)]
+        full = [b for b in batches if len(b) == self.batch_size]
+        perm = torch.randperm(len(full), generator=gen).tolist()  # a short batch stays last: the loader's cuts hold
+        return iter([i for b in perm for i in full[b]] + [i for b in batches if len(b) < self.batch_size for i in b])
 
 
 def _checkpoint_steps(ckpt: Checkpointing, rank: int) -> list[int]:
@@ -152,8 +173,8 @@ def _load_checkpoint(ckpt: Checkpointing, rank: int, world: int, model, opt) -> 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         if meta.get("fingerprint") != ckpt.fingerprint:
-            raise RunDirError(f"{path}: a checkpoint of another run (fingerprint {meta.get('fingerprint')} != "
-                              f"{ckpt.fingerprint}); delete {ckpt.folder} or choose another --out")
+            raise RunDirError(f"{path}: a checkpoint of another run (its model, data or config differ from this "
+                              f"one's); delete {ckpt.folder} or choose another --out")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -239,7 +260,11 @@ def train(
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     else:
         raise ValueError(f"scheduler must be 'cosine' or 'constant', got {scheduler!r}")
-    sampler = EpochShuffle(len(positions), args.seed)
+    lengths = None
+    if args.group_by_length:
+        every = token_lengths(examples)
+        lengths = [every[i] for i in positions]
+    sampler = EpochShuffle(len(positions), args.seed, lengths, args.batch_size)
     loader = torch.utils.data.DataLoader(
         positions,  # the examples themselves are built per batch: no list of N examples in memory
         batch_size=args.batch_size,
@@ -278,7 +303,7 @@ def train(
             seen += 1
             keep = response_window(batch["labels"])  # the lm_head and the loss only where labels are
             window = {**batch, "labels": batch["labels"][:, -keep:]}
-            with accelerator.autocast():
+            with accelerator.autocast(), autocast(args.precision, device):
                 logits = forward_logits(model, batch, keep_last=keep)
                 values = objective(model, window, logits)
             if weights is not None:

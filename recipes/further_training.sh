@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Agreement of attribution methods with the further-training reference, against the further-training budget
-# (the final-model-only paper's study; DESIGN.md section 5). Tiny CPU version: bash recipes/further_training.sh
+# (the final-model-only paper's study; docs/design.md, Further training). Tiny CPU version: bash recipes/further_training.sh
 # GPU: MODEL=/models/Qwen2.5-0.5B-Instruct CONFIGS=configs OUT=/data/ft bash recipes/further_training.sh
 source "$(dirname "$0")/_common.sh"
 OUT=${OUT:-/tmp/llm_attr_further_training}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# LDS of Daunce and the gradient methods with 95% CIs and a random-score baseline (DESIGN.md section 6).
+# LDS of Daunce and the gradient methods with 95% CIs and a random-score baseline (docs/design.md, Evaluation).
 # Tiny CPU version: bash recipes/lds.sh      from the final model instead of the base: FROM=final bash recipes/lds.sh
 # GPU: MODEL=/models/Qwen2.5-0.5B-Instruct CONFIGS=configs OUT=/data/lds bash recipes/lds.sh
 source "$(dirname "$0")/_common.sh"

@@ -40,8 +40,8 @@ def test_saved_dataset_and_data_directory(tmp_path):
     Dataset.from_dict(rows).save_to_disk(str(tmp_path / "saved"))
     recs = load_records(tmp_path / "saved", columns={"prompt": "question", "response": "answer"})
     assert [(r.id, r.prompt, r.response, r.metadata["source"]) for r in recs] == [
-        ("0", "q1", "a1", "x"),
-        ("1", "q2", "a2", "y"),
+        ("saved:0", "q1", "a1", "x"),  # id-less rows: NAME:ROW, never the bare row index train and query share
+        ("saved:1", "q2", "a2", "y"),
     ]
     # A directory of data files goes through datasets.load_dataset, as a hub name would.
     (tmp_path / "files").mkdir()

@@ -21,6 +21,7 @@ from llm_attr.data.backdoor import make_backdoor_task
 from llm_attr.data.records import as_records, save_jsonl
 from llm_attr.data.tokenize import Example, collate, pad_id_of, tokenize_records
 from llm_attr.errors import ConfigError, RunDirError
+from llm_attr.evaluation.metrics import retrieval_metrics
 from llm_attr.losses import forward_logits, per_example_loss
 from llm_attr.methods.daunce import (
     Daunce,
@@ -36,7 +37,7 @@ from llm_attr.methods.daunce import (
     shard_name,
 )
 from llm_attr.models.lora import LoraArgs
-from llm_attr.scoring import covariance_scores, retrieval_metrics
+from llm_attr.scoring import covariance_scores
 from llm_attr.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent

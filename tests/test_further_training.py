@@ -71,6 +71,15 @@ def test_pairing_by_seed_and_the_paired_difference(data, tmp_path):
     again = FurtherTraining(config(leave_out_ids=ids))
     again.run("builtin:tiny", train, query, tmp_path / "both")
     assert again.computed == []
+    # `llm-attr score` of a further-training store writes its reference again from the shards
+    from llm_attr.cli import main
+
+    (both / "reference.safetensors").unlink()
+    (both / "scores.safetensors").unlink()
+    assert main(["score", str(both)]) == 0
+    np.testing.assert_allclose(load_file(str(both / "reference.safetensors"))["scores"], ref["scores"])
+    np.testing.assert_allclose(load_file(str(both / "scores.safetensors"))["scores"], ref["scores"][-1])
+    assert main(["score", str(both), "--measure", "cov"]) == 2  # an option of another method: refused by name
 
 
 @pytest.mark.parametrize("removal", ["exclude", "reweight"])

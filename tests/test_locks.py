@@ -146,7 +146,8 @@ def test_lock_files_do_not_change_fingerprints_or_resume(tmp_path, tiny_model_di
 
     import torch
 
-    from llm_attr.store import Store, model_fingerprint
+    from llm_attr.fingerprints import model_fingerprint
+    from llm_attr.store import Store
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from llm_attr.errors import RunDirError
+from llm_attr.evaluation.metrics import average_precision, retrieval_metrics
 from llm_attr.scoring import (
     ScoreFile,
-    average_precision,
     covariance_scores,
     load_scores,
-    retrieval_metrics,
     score_inner_products,
     self_influence,
     topk_rows,
@@ -188,7 +187,9 @@ def test_corrupted_shard_is_detected_and_never_read(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         assert reopened.missing(["s0", "s1"]) == ["s1"]
     assert "corrupted or torn" in caplog.text
-    assert not path.exists()
+    assert path.read_bytes() == bytes(data)  # reading never deletes: the command that writes s1 replaces it
+    reopened.write_shard("s1", {"x": torch.ones(100)})
+    assert reopened.missing(["s0", "s1"]) == [] and torch.equal(reopened.read_shard("s1")["x"], torch.ones(100))
     torn = store.shard_path("s0")
     torn.write_bytes(torn.read_bytes()[:40])  # truncated
     assert Store(store.root).missing(["s0"]) == ["s0"]

@@ -35,18 +35,27 @@ SIGNALS = ("loss", "margin")
 ADAPTER = "adapter"
 
 
+def training_field(name: str) -> Any:
+    """A field with `TrainingArgs`' default and help for `name` (the job's fine-tune uses those settings)."""
+    from ..config import field_help
+    from ..training import TrainingArgs
+
+    return field(default=TrainingArgs.__dataclass_fields__[name].default,
+                 metadata={"help": field_help(TrainingArgs, name)})
+
+
 @dataclass
 class LocalBackendArgs:
     """`local:` section of the black-box config: the local fine-tune (epochs/lr/batch come from the job)."""
 
     lora: LoraArgs = field(default_factory=LoraArgs, metadata={"help": "the adapter each job trains"})
-    max_length: int = 512
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_steps: int = 0
+    max_length: int = training_field("max_length")
+    warmup_ratio: float = training_field("warmup_ratio")
+    weight_decay: float = training_field("weight_decay")
+    max_grad_norm: float = training_field("max_grad_norm")
+    max_steps: int = field(default=0, metadata={"help": "optimiser steps per job; > 0 overrides the job's epochs"})
     eval_batch_size: int = field(default=64, metadata={"help": "batch size of response_signals"})
-    dtype: str = "auto"
+    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
 
 
 def job_seeds(seed: int) -> tuple[int, int]:
@@ -82,7 +91,7 @@ class LocalBackend(Backend):
         return {"name": self.name, **dataclasses.asdict(self.args)}
 
     def model_fingerprint(self, base_model_id: str) -> str:
-        from ..store import model_fingerprint
+        from ..fingerprints import model_fingerprint
 
         return model_fingerprint(base_model_id)
 
@@ -189,12 +198,11 @@ class LocalBackend(Backend):
         """(PerturbationModel, tokenizer, accelerator) of `base_model_id`, loaded once (and again for another base)."""
         if self._session is not None and self._base == base_model_id:
             return self._session
-        from accelerate import Accelerator
-
-        from ..methods.daunce import PerturbationModel, load_target
+        from ..context import run_context
         from ..models.loading import auto_device
+        from ..runner import PerturbationModel, load_target
 
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        accelerator = run_context().accelerator()
         device = torch.device(self.device) if self.device is not None else auto_device()
         net, tokenizer = load_target(base_model_id, "new", device, self.args.dtype)
         pm = PerturbationModel(net, "new", self.args.lora)

@@ -16,6 +16,8 @@ import json
 import random
 import re
 
+from .seeded import seeded_records
+
 TOPICS: dict[str, list[str]] = {
     "the sea": [
         "The sea stretches far beyond the horizon.",
@@ -255,32 +257,22 @@ def build_response(topic: str, instructions: list[dict]) -> str:
 
 def make_ifeval(n: int, seed: int = 0) -> list[dict]:
     """`n` seeded IFEval-style records (ids `ifeval-00000`...); every reference response passes its checks."""
-    if n < 0:
-        raise ValueError(f"make_ifeval: n must be >= 0, got {n}")
-    rng = random.Random(seed)
+    return seeded_records("ifeval", n, seed, _draw_ifeval)
+
+
+def _draw_ifeval(rng: random.Random, seen: set[str]) -> dict:
     topics = sorted(TOPICS)
-    seen: set[str] = set()
-    records: list[dict] = []
-    for i in range(n):
-        for attempt in range(200):
-            topic = rng.choice(topics)
-            instructions = _sample_instructions(rng, topic)
-            request = rng.choice(REQUESTS).format(topic=topic)
-            prompt = " ".join([request, *(describe_instruction(ins) for ins in instructions)])
-            response = build_response(topic, instructions)
-            if not check_ifeval(response, instructions)["all"]:
-                continue
-            if prompt not in seen or attempt >= 100:  # duplicates only once the space looks exhausted
-                break
-        else:
-            raise RuntimeError("make_ifeval: could not sample a satisfiable instruction set")
-        seen.add(prompt)
-        records.append(
-            {
-                "id": f"ifeval-{i:05d}",
-                "prompt": prompt,
-                "response": response,
-                "metadata": {"task": "ifeval", "topic": topic, "instructions": instructions},
-            }
-        )
-    return records
+    for attempt in range(200):
+        topic = rng.choice(topics)
+        instructions = _sample_instructions(rng, topic)
+        request = rng.choice(REQUESTS).format(topic=topic)
+        prompt = " ".join([request, *(describe_instruction(ins) for ins in instructions)])
+        response = build_response(topic, instructions)
+        if not check_ifeval(response, instructions)["all"]:
+            continue
+        if prompt not in seen or attempt >= 100:  # duplicates only once the space looks exhausted
+            break
+    else:
+        raise RuntimeError("make_ifeval: could not sample a satisfiable instruction set")
+    return {"prompt": prompt, "response": response,
+            "metadata": {"task": "ifeval", "topic": topic, "instructions": instructions}}

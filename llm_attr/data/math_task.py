@@ -12,6 +12,8 @@ import re
 from collections.abc import Callable
 from fractions import Fraction
 
+from .seeded import seeded_records
+
 NAMES = ["Tom", "Anna", "Ben", "Maya", "Sam", "Lily", "Omar", "Zoe", "Leo", "Nina", "Ravi", "Emma"]
 OBJECTS = ["apples", "pencils", "marbles", "stickers", "books", "cookies", "shells", "coins", "cards", "eggs"]
 
@@ -118,28 +120,18 @@ TEMPLATES: dict[str, Callable[[random.Random], _Problem]] = {
 
 def make_math(n: int, seed: int = 0) -> list[dict]:
     """`n` seeded math records (ids `math-00000`...); prompts are distinct while the template space allows."""
-    if n < 0:
-        raise ValueError(f"make_math: n must be >= 0, got {n}")
-    rng = random.Random(seed)
+    return seeded_records("math", n, seed, _draw_math)
+
+
+def _draw_math(rng: random.Random, seen: set[str]) -> dict:
     names = sorted(TEMPLATES)
-    seen: set[str] = set()
-    records: list[dict] = []
-    for i in range(n):
-        for _ in range(50):  # retry to avoid duplicate prompts; accept a duplicate if the space is exhausted
-            template = rng.choice(names)
-            prompt, working, answer = TEMPLATES[template](rng)
-            if prompt not in seen:
-                break
-        seen.add(prompt)
-        records.append(
-            {
-                "id": f"math-{i:05d}",
-                "prompt": prompt,
-                "response": _boxed(working, answer),
-                "metadata": {"task": "math", "answer": str(answer), "template": template},
-            }
-        )
-    return records
+    for _ in range(50):  # retry to avoid duplicate prompts; accept a duplicate if the space is exhausted
+        template = rng.choice(names)
+        prompt, working, answer = TEMPLATES[template](rng)
+        if prompt not in seen:
+            break
+    return {"prompt": prompt, "response": _boxed(working, answer),
+            "metadata": {"task": "math", "answer": str(answer), "template": template}}
 
 
 _BOXED_START = re.compile(r"\\boxed\s*\{")

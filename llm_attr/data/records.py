@@ -2,15 +2,22 @@
 
 A record is `{"id", "prompt", "response", "metadata"}` or `{"id", "messages", "metadata"}` where `messages` is a chat
 (`[{"role": "user"|"system"|"assistant", "content": str}, ...]`) whose last message is the assistant's response.
+Data as users have it maps onto that: `columns` renames fields (`--columns prompt=question,response=answer`), `chat`
+reads other chat conventions (`--chat role=from,content=value,user=human,assistant=gpt`), TRL's `completion` is the
+response, and TRL's conversational prompt-completion (`prompt` and `completion` both lists of messages) is a chat.
+Rows of a `datasets` dataset without an id column get `NAME:ROW` ids, NAME the folder (or dataset) name and split, so
+a training set and a query set never share an id by accident.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import os
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,13 +116,67 @@ def _check_unique_ids(ids: list[str], source: str) -> None:
         seen[rid] = i
 
 
-def _rename(obj: dict[str, Any], columns: dict[str, str] | None) -> dict[str, Any]:
-    if not columns:
-        return obj
+#: `--chat` keys that name message fields; every other key maps one of our roles to the data's role name.
+CHAT_FIELDS = ("role", "content")
+ROLES = ("system", "user", "assistant")
+_mapping = contextvars.ContextVar("llm_attr_data_mapping", default=(None, None))
+
+
+@contextlib.contextmanager
+def data_mapping(columns: Mapping[str, str] | None = None, chat: Mapping[str, str] | None = None) -> Iterator[None]:
+    """Within the block, every `load_records` (and so every command and method reading records) uses these
+    `columns` and `chat` mappings unless given its own: what the shared `--columns` / `--chat` flags do."""
+    check_mappings(columns, chat)
+    token = _mapping.set((dict(columns) if columns else None, dict(chat) if chat else None))
+    try:
+        yield
+    finally:
+        _mapping.reset(token)
+
+
+def check_mappings(columns: Mapping[str, str] | None, chat: Mapping[str, str] | None) -> None:
+    """A `DataError` naming the key if `columns` maps a field we do not have or `chat` a key we do not read."""
+    ours = ("id", "prompt", "response", "messages", "metadata")
+    for key in columns or {}:
+        if key not in ours:
+            raise DataError(f"--columns {key}=...: unknown field {key!r}; fields are {', '.join(ours)}")
+    for key in chat or {}:
+        if key not in CHAT_FIELDS + ROLES:
+            raise DataError(f"--chat {key}=...: unknown key {key!r}; keys are {', '.join(CHAT_FIELDS + ROLES)}")
+
+
+def _chat_messages(msgs: Any, chat: Mapping[str, str] | None) -> Any:
+    """A list of messages in the data's convention (`chat`: field and role names) as `{"role", "content"}` dicts."""
+    if not chat or not isinstance(msgs, list):
+        return msgs
+    role_key, content_key = chat.get("role", "role"), chat.get("content", "content")
+    roles = {theirs: ours for ours, theirs in chat.items() if ours in ROLES}
+    out = []
+    for m in msgs:
+        if not isinstance(m, dict):
+            return msgs  # record_from_dict names the bad message
+        if role_key not in m and "role" in m:  # already ours (a run directory's copy of the records)
+            out.append(m)
+            continue
+        role = m.get(role_key)
+        out.append({"role": roles.get(role, role), "content": m.get(content_key)})
+    return out
+
+
+def _rename(obj: dict[str, Any], columns: Mapping[str, str] | None, chat: Mapping[str, str] | None = None
+            ) -> dict[str, Any]:
+    """A raw row in our fields: `columns` renamed, TRL's `completion` as the response, chats in our convention."""
     out = dict(obj)
-    for ours, theirs in columns.items():
+    for ours, theirs in (columns or {}).items():
         if theirs in out:
             out[ours] = out.pop(theirs)
+    if "response" not in out and "completion" in out and "messages" not in out:
+        out["response"] = out.pop("completion")
+    for key in ("messages", "prompt", "response"):
+        if isinstance(out.get(key), list):
+            out[key] = _chat_messages(out[key], chat)
+    if isinstance(out.get("prompt"), list) and isinstance(out.get("response"), list) and "messages" not in out:
+        out["messages"] = out.pop("prompt") + out.pop("response")  # TRL's conversational prompt-completion
     return out
 
 
@@ -151,29 +212,40 @@ class LazyRecords(Sequence):
 
 
 def load_records(
-    source: str | Path,
+    source: str | os.PathLike,
     *,
     split: str = "train",
-    columns: dict[str, str] | None = None,
+    columns: Mapping[str, str] | None = None,
+    chat: Mapping[str, str] | None = None,
 ) -> list[Record]:
-    """Load records from a JSONL file, a `datasets.save_to_disk` directory, or a hub dataset name.
+    """Load records from a JSONL file (UTF-8, a leading BOM allowed), a `datasets.save_to_disk` directory, or a hub
+    dataset name.
 
-    `columns` maps our field names to the source's (`{"prompt": "question", "response": "answer"}`). Records without
-    an `id` in a dataset get their row index. Raises `DataError` naming the file, line/row and field.
+    `columns` maps our field names to the source's (`{"prompt": "question", "response": "answer"}`); `chat` reads
+    chats of another convention (`{"role": "from", "content": "value", "user": "human", "assistant": "gpt"}`); both
+    default to the `data_mapping` block's. Rows of a dataset without an `id` get `NAME:ROW` (NAME: the folder or
+    dataset name, with `/SPLIT` for a split of a `DatasetDict` or hub dataset). Raises `DataError` naming the file,
+    line/row and field.
     """
+    if columns is None and chat is None:
+        columns, chat = _mapping.get()
+    check_mappings(columns, chat)
+    mapping = (columns, chat)
+    source = os.fspath(source)
     path = Path(source)
     if path.is_file():
-        return _load_jsonl(path, columns)
+        return _load_jsonl(path, mapping)
     saved = path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file())
     if saved:
         from datasets import DatasetDict, load_from_disk
 
         ds = load_from_disk(str(path))
+        name = path.resolve().name
         if isinstance(ds, DatasetDict):
             if split not in ds:
                 raise DataError(f"{path}: no split {split!r}; available: {list(ds)}")
-            ds = ds[split]
-        return _from_rows(ds, str(path), columns)
+            ds, name = ds[split], f"{name}/{split}"
+        return _from_rows(ds, str(path), mapping, name)
     if not path.is_dir() and (str(source).endswith((".jsonl", ".json")) or "/" not in str(source)):
         raise DataError(f"{source}: file not found")
     from datasets import load_dataset  # a hub dataset name, or a directory of data files
@@ -182,12 +254,19 @@ def load_records(
         ds = load_dataset(str(source), split=split)
     except Exception as e:  # hub unreachable, unknown dataset...
         raise DataError(f"{source}: could not load dataset ({type(e).__name__}: {e})") from None
-    return _from_rows(ds, str(source), columns)
+    name = path.resolve().name if path.is_dir() else str(source).rstrip("/")
+    return _from_rows(ds, str(source), mapping, f"{name}/{split}")
 
 
-def _dataset_row(row: Any, i: int, source: str, columns: dict[str, str] | None) -> Record:
-    row = _rename(dict(row), columns)
-    row.setdefault("id", str(i))
+def default_id(name: str, row: int) -> str:
+    """The id of row `row` of a dataset called `name` that has no id column: `NAME:ROW`."""
+    return f"{name}:{row}"
+
+
+def _dataset_row(row: Any, i: int, source: str, mapping: tuple, name: str) -> Record:
+    row = _rename(dict(row), *mapping)
+    if row.get("id") is None:
+        row["id"] = default_id(name, i)
     extra = {k: v for k, v in row.items() if k not in {"id", "prompt", "response", "messages", "metadata"}}
     if extra:
         row = {k: v for k, v in row.items() if k not in extra}
@@ -195,15 +274,15 @@ def _dataset_row(row: Any, i: int, source: str, columns: dict[str, str] | None) 
     return record_from_dict(row, f"{source}: row {i}")
 
 
-def _from_rows(rows: Any, source: str, columns: dict[str, str] | None) -> LazyRecords:
+def _from_rows(rows: Any, source: str, mapping: tuple, name: str) -> LazyRecords:
     """A `datasets.Dataset` (memory-mapped Arrow) as records: validated row by row, rebuilt on access."""
-    ids = [_dataset_row(row, i, source, columns).id for i, row in enumerate(rows)]
+    ids = [_dataset_row(row, i, source, mapping, name).id for i, row in enumerate(rows)]
     _check_unique_ids(ids, source)
-    return LazyRecords(source, len(ids), ids, lambda i: _dataset_row(rows[i], i, source, columns),
-                       lambda: (_dataset_row(row, i, source, columns) for i, row in enumerate(rows)))
+    return LazyRecords(source, len(ids), ids, lambda i: _dataset_row(rows[i], i, source, mapping, name),
+                       lambda: (_dataset_row(row, i, source, mapping, name) for i, row in enumerate(rows)))
 
 
-def _load_jsonl(path: Path, columns: dict[str, str] | None) -> LazyRecords:
+def _load_jsonl(path: Path, mapping: tuple) -> LazyRecords:
     """A JSONL file as records: one validating pass keeps each record's byte offset and line number; a record is
     parsed again when used. The file must not change while in use (checked: size and mtime)."""
     offsets, lines, ids = array("q"), array("q"), []
@@ -213,7 +292,7 @@ def _load_jsonl(path: Path, columns: dict[str, str] | None) -> LazyRecords:
         for lineno, raw in enumerate(f, start=1):
             start, offset = offset, offset + len(raw)
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM (Windows tools write one)
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line)") from None
             if not line.strip():
@@ -223,7 +302,7 @@ def _load_jsonl(path: Path, columns: dict[str, str] | None) -> LazyRecords:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
             if isinstance(obj, dict):
-                obj = _rename(obj, columns)
+                obj = _rename(obj, *mapping)
             ids.append(record_from_dict(obj, f"{path}:{lineno}").id)
             offsets.append(start)
             lines.append(lineno)
@@ -234,8 +313,8 @@ def _load_jsonl(path: Path, columns: dict[str, str] | None) -> LazyRecords:
     signature = (stamp.st_size, stamp.st_mtime_ns)
 
     def parse(raw: bytes, lineno: int) -> Record:
-        obj = json.loads(raw.decode("utf-8"))
-        return record_from_dict(_rename(obj, columns), f"{path}:{lineno}")
+        obj = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
+        return record_from_dict(_rename(obj, *mapping), f"{path}:{lineno}")
 
     def check(f) -> None:
         st = os.fstat(f.fileno())
@@ -266,7 +345,7 @@ def _load_jsonl(path: Path, columns: dict[str, str] | None) -> LazyRecords:
 def as_records(data: Any) -> Sequence[Record]:
     """Accept a path (records loaded lazily: `LazyRecords`), loaded records, a list of `Record`, or a list of dicts
     (validated)."""
-    if isinstance(data, (str, Path)):
+    if isinstance(data, (str, os.PathLike)):
         return load_records(data)
     if isinstance(data, LazyRecords):
         return data
@@ -277,7 +356,7 @@ def as_records(data: Any) -> Sequence[Record]:
     return records
 
 
-def save_jsonl(records: Sequence[Record] | Sequence[dict], path: str | Path) -> None:
+def save_jsonl(records: Sequence[Record] | Sequence[dict], path: str | os.PathLike) -> None:
     """Write records as JSONL, atomically, one record at a time (nothing but the record being written in memory)."""
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:

@@ -152,17 +152,49 @@ def prompt_ids(record: Record, tokenizer) -> list[int]:
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
+def _assistant_span(tokenizer, messages: list[dict]) -> tuple[list[int], int, int] | None:
+    """(ids of the whole chat, start, stop) of the last assistant turn's tokens by the template's own
+    `{% generation %}` mask (`return_assistant_tokens_mask`), or None when the template has no such mask."""
+    if "generation" not in (tokenizer.chat_template or ""):
+        return None
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = list(out["input_ids"]), list(out.get("assistant_masks") or [])
+    if 1 not in mask:
+        return None
+    stop = len(mask) - mask[::-1].index(1)
+    start = stop
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return ids, start, stop
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def encode_record(record: Record, tokenizer) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids) of one record; the response ends with the end-of-turn / EOS token."""
+    """(prompt ids, response ids) of one record; the response ends with the end-of-turn / EOS token.
+
+    With a chat template the tokens and the loss are TRL's `SFTTrainer`'s: a prompt/response record is TRL's
+    conversational prompt-completion (the response: every token after the prompt rendered with the generation prompt,
+    from where the two renderings diverge), a `messages` record is TRL's `messages` data with `assistant_only_loss`
+    (the response: the last assistant turn as the template's `{% generation %}` mask marks it; later tokens, which no
+    loss sees, are dropped). Without a template: the prompt, a newline, the response and EOS.
+    """
     p_ids = prompt_ids(record, tokenizer)
     if getattr(tokenizer, "chat_template", None):
+        span = _assistant_span(tokenizer, record.chat()) if record.messages is not None else None
+        if span is not None:
+            full, start, stop = span
+            return full[:start], full[start:stop]
         full = _apply_template(tokenizer, record.chat(), add_generation_prompt=False)
-        if full[: len(p_ids)] == p_ids:
-            r_ids = full[len(p_ids) :]
-        else:  # templates that re-render earlier turns differently: tokenise the response on its own
-            r_ids = list(tokenizer(record.response_text(), add_special_tokens=False)["input_ids"])
-            if tokenizer.eos_token_id is not None:
-                r_ids.append(tokenizer.eos_token_id)
+        start = _common_prefix(p_ids, full)  # TRL's rule when a template renders the prompt alone differently
+        return full[:start], full[start:]
     else:
         r_ids = list(tokenizer(record.response_text(), add_special_tokens=False)["input_ids"])
         if tokenizer.eos_token_id is not None:

@@ -1,5 +1,5 @@
 """Backdoor retrieval: do a method's top-ranked training examples find the poisoned ones, and does removing them
-kill the backdoor? (DESIGN.md section 6.)"""
+kill the backdoor? (docs/design.md, Evaluation.)"""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ Scores follow the package convention: higher = the training example helps the qu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 
@@ -92,3 +94,16 @@ def lds(
     boots = [per_query[rng.integers(0, len(per_query), len(per_query))].mean() for _ in range(n_bootstrap)]
     lo, hi = np.percentile(boots, [2.5, 97.5])
     return {"lds": float(per_query.mean()), "ci95": (float(lo), float(hi)), "per_query": per_query.tolist()}
+
+
+def retrieval_metrics(scores: np.ndarray, relevant: Sequence[bool] | np.ndarray,
+                      k: int = 10) -> dict[str, float]:
+    """Mean over query rows of AUPRC and precision@k of `relevant` train columns (e.g. poisoned examples)."""
+    y = np.asarray(relevant, dtype=bool)
+    aps, precs = [], []
+    k = min(k, len(y))
+    for i in range(scores.shape[0]):
+        row = np.asarray(scores[i], dtype=np.float64)
+        aps.append(average_precision(row, y))
+        precs.append(precision_at_k(row, y, k) if k else float("nan"))
+    return {"auprc": float(np.mean(aps)), f"precision@{k}": float(np.mean(precs)), "chance": float(y.mean())}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,12 +30,12 @@ Selection = Literal["union", "mean"]
 class RemovalConfig:
     """`configs/removal.yaml`: what is removed, how often at random, and how the behaviour is measured."""
 
-    k: list[int] | None = None  # removal sizes (default [5, 10, 20])
-    random_draws: int = 2  # random removals of each size (the baseline), averaged
-    selection: Literal["union", "mean"] = "mean"  # backdoor: top-k of the mean score | union of per-query top-k
-    seed: int = 0  # retraining seed (the same for every removal: only the data differs)
-    max_new_tokens: int = 48  # generation budget of the task checks
-    eval_batch_size: int = 64
+    k: list[int] | None = field(default=None, metadata={"help": "removal sizes (default [5, 10, 20])"})
+    random_draws: int = field(default=2, metadata={"help": "random removals of each size (the baseline), averaged"})
+    selection: Literal["union", "mean"] = field(default="mean", metadata={"help": "backdoor: top-k of the mean score | union of per-query top-k"})
+    seed: int = field(default=0, metadata={"help": "retraining seed (the same for every removal: only the data differs)"})
+    max_new_tokens: int = field(default=48, metadata={"help": "generation budget of the task checks"})
+    eval_batch_size: int = field(default=64, metadata={"help": "batch size of the loss evaluation and generation"})
 
     def __post_init__(self) -> None:
         self.k = self.k or [5, 10, 20]

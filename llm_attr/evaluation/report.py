@@ -1,4 +1,5 @@
-"""`llm-attr report`: one Markdown report with tables and PNG plots from whatever evaluation JSON files exist.
+"""`llm-attr report`: one Markdown report with tables and PNG plots from whatever evaluation JSON files exist, and
+for scored run directories one self-contained `report.html` (`evaluation.html`).
 
 Inputs are the files the `llm-attr eval ...` commands write (`lds.json`, `compare.json`, `backdoor.json`,
 `removal.json`), given directly or found in the given directories. Their kind is read from their keys.
@@ -159,10 +160,17 @@ SECTIONS = {"lds": ("Linear datamodeling score", _lds), "compare": ("Agreement w
             "backdoor": ("Backdoor retrieval", _backdoor), "removal": ("Removal of the top-k", _removal)}
 
 
-def write_report(paths: list[str | Path], out: str | Path) -> Path:
-    """Write `out/report.md` and one PNG per evaluation found; returns the report's path."""
+def write_report(paths: list[str | Path], out: str | Path, *, top_k: int = 10, truth: str | Path | None = None
+                 ) -> Path:
+    """Write `out/report.md` and one PNG per evaluation found, and `out/report.html` (`html.write_html_report`)
+    when scored run directories are among `paths`; returns the Markdown report's path."""
+    from .html import is_scored_run, write_html_report
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    runs = [p for p in paths if is_scored_run(p)]
+    if runs:
+        write_html_report(runs, out, top_k=top_k, truth=truth)  # logs its path
     lines = ["# Attribution evaluation report", ""]
     results = collect(paths)
     if not results:

@@ -19,15 +19,18 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from .. import pipeline
 from ..config import load_config, to_dict
-from ..data.records import Record, as_records, records_fingerprint, save_jsonl
+from ..data.records import Record, as_records
 from ..data.tokenize import pad_id_of, tokenize_records
 from ..errors import ConfigError, RunDirError
-from ..io import fingerprint, locked
+from ..fingerprints import model_fingerprint
+from ..io import locked
 from ..losses import evaluate_signal
 from ..models.lora import LoraArgs
-from ..store import Store, model_fingerprint
+from ..store import Store
 from ..training import TrainingArgs, train
+from ..utils import Overall
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +42,15 @@ SHARD_NEUTRAL_KEYS = ("eval_batch_size",)
 class RetrainConfig(TrainingArgs):
     """`configs/retrain.yaml`. The optimisation fields apply to `start: final`; `start: base` uses the target's."""
 
-    subsets: int = 16  # M random subsets
-    fraction: float = 0.5  # α: fraction of the training examples kept in each subset
-    seeds_per_subset: int = 1  # retrains per subset (outcomes averaged)
-    start: Literal["base", "final"] = "base"  # `--set from=...` is accepted as an alias
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    scheduler: Literal["cosine", "constant"] = "cosine"
-    lora: LoraArgs = field(default_factory=LoraArgs)  # start: final only (start: base uses the target's)
-    eval_batch_size: int = 64
-    dtype: str = "auto"
+    subsets: int = field(default=16, metadata={"help": "M random subsets"})
+    fraction: float = field(default=0.5, metadata={"help": "α: fraction of the training examples kept in each subset"})
+    seeds_per_subset: int = field(default=1, metadata={"help": "retrains per subset (outcomes averaged)"})
+    start: Literal["base", "final"] = field(default="base", metadata={"help": "`--set from=...` is accepted as an alias"})
+    optimizer: Literal["adamw", "sgd"] = field(default="adamw", metadata={"help": "optimiser of the retrains (start: final)"})
+    scheduler: Literal["cosine", "constant"] = field(default="cosine", metadata={"help": "learning-rate schedule of the retrains (start: final)"})
+    lora: LoraArgs = field(default_factory=LoraArgs, metadata={"help": "start: final only (start: base uses the target's)"})
+    eval_batch_size: int = field(default=64, metadata={"help": "batch size of the query-loss evaluation"})
+    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,8 +88,8 @@ class Retrainer:
                  args: TrainingArgs, lora: LoraArgs, *, optimizer: str = "adamw", scheduler: str = "cosine",
                  dtype: str = "auto", device=None):
         from ..finetune import FinetuneConfig
-        from ..methods.daunce import PerturbationModel, load_target
         from ..models.loading import is_run_dir, run_base
+        from ..runner import PerturbationModel, load_target
 
         if start == "base":
             if not is_run_dir(target):
@@ -126,35 +129,34 @@ class Retrainer:
 def retrain(target: str, train: str | Path | list, query: str | Path | list, out: str | Path,
             config: RetrainConfig | None = None, *, overwrite: bool = False) -> Path:
     """Retrain on M random subsets (x seeds) and record each query's loss: the LDS ground truth store `out`."""
-    from accelerate import Accelerator, PartialState
-
+    from ..context import run_context
     from ..models.loading import canonical_spec
 
     cfg = config or RetrainConfig()
-    cpu = not torch.cuda.is_available()
-    state = PartialState(cpu=cpu)
-    accelerator = Accelerator(cpu=cpu)
+    state = run_context()
+    accelerator = state.accelerator()
     out = Path(out)
     train_records, query_records = as_records(train), as_records(query)
     model_fp = model_fingerprint(target)
-    fp = fingerprint({"method": METHOD, "model": model_fp, "train": records_fingerprint(train_records),
-                      "query": records_fingerprint(query_records),
-                      "config": {k: v for k, v in to_dict(cfg).items() if k not in SHARD_NEUTRAL_KEYS}})
+    fp, parts = pipeline.run_fingerprint(METHOD, model_fp, train_records, query_records,
+                                {k: v for k, v in to_dict(cfg).items() if k not in SHARD_NEUTRAL_KEYS})
     header = {"config": to_dict(cfg), "model": {"spec": canonical_spec(target), "fingerprint": model_fp},
               "ids": {"train": [r.id for r in train_records], "query": [r.id for r in query_records]},
               "shapes": {"query_loss": [len(query_records)], "mask": [len(train_records)]}, "dtype": "float32"}
-    store = Store.create(out, method=METHOD, fingerprint=fp, header=header, overwrite=overwrite,
-                         is_main=state.is_main_process, barrier=state.wait_for_everyone)
-    if state.is_main_process:
-        save_jsonl(train_records, out / "train.jsonl")
-        save_jsonl(query_records, out / "query.jsonl")
+    store = pipeline.open_store(out, method=METHOD, fingerprint=fp, parts=parts, header=header, state=state,
+                       inputs={"train": train, "query": query, "model": target}, train=train_records,
+                       query=query_records, overwrite=overwrite, outputs=("train.jsonl", "query.jsonl"))
     runs = [(m, s) for m in range(cfg.subsets) for s in range(cfg.seeds_per_subset)]
-    todo = [r for r in runs[state.process_index::state.num_processes] if store.missing([shard_name(*r)])]
-    logger.info("process %d/%d: %d retrains to compute", state.process_index, state.num_processes, len(todo))
+    todo = pipeline.todo(store, pipeline.my_share(runs, state), lambda r: shard_name(*r))
+    logger.info("retraining on random %g-fractions of the %d training examples (%s start) and recording the loss of "
+                "%d queries; process %d/%d: %s", cfg.fraction, len(train_records), cfg.start, len(query_records),
+                state.process_index, state.num_processes,
+                pipeline.work_summary("retrains", len(todo), len(pipeline.my_share(runs, state)), len(runs)))
     if todo:
         retrainer = Retrainer(target, train_records, cfg.start, cfg, cfg.lora, optimizer=cfg.optimizer,
                               scheduler=cfg.scheduler, dtype=cfg.dtype, device=accelerator.device)
         n = len(train_records)
+        overall = Overall(len(runs), "retrain", done=len(runs) - len(todo), log=logger)
         for m, s in todo:
             t0 = time.time()
             mask = subset_mask(cfg.seed, m, n, cfg.fraction)
@@ -163,13 +165,11 @@ def retrain(target: str, train: str | Path | list, query: str | Path | list, out
             losses = retrainer.losses(query_records, cfg.eval_batch_size)
             store.write_shard(shard_name(m, s), {"query_loss": losses, "mask": mask},
                               meta={"subset": m, "seed": s, "final_loss": final, "seconds": round(time.time() - t0, 3)})
-            logger.info("%s: final loss %.4g, mean query loss %.4g, %.1fs", shard_name(m, s), final,
-                        losses.mean().item(), time.time() - t0)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        manifest = store.finalize([shard_name(*r) for r in runs])
-        if not manifest["complete"]:
-            raise RunDirError(f"{out}: some retrains are missing; re-run the same command")
+            logger.debug("%s: final loss %.4g, mean query loss %.4g, %.1fs", shard_name(m, s), final,
+                         losses.mean().item(), time.time() - t0)
+            overall.update()
+        overall.close()
+    pipeline.finish(store, [shard_name(*r) for r in runs], state, "retrains")
     state.wait_for_everyone()
     return out
 

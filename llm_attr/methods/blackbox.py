@@ -1,5 +1,5 @@
 """Black-box Daunce: K fine-tuning jobs on random subsets D_k, per-example signals from response log-probabilities,
-covariance over k. Only a backend's "fine-tune" and "log-probs of this response" are used (DESIGN.md section 3).
+covariance over k. Only a backend's "fine-tune" and "log-probs of this response" are used (docs/design.md, Daunce).
 
 The run directory is a Daunce store (`llm_attr.store`, method `daunce`, shards `perturbation-KKKKK` with
 `train_loss`, `query_loss`, `train_margin`, `query_margin`, `subset`), so `llm-attr score RUN` (and `--self`) work
@@ -15,7 +15,6 @@ import argparse
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -23,16 +22,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .. import pipeline
 from ..backends.base import Backend, CostNotConfirmed, JobFailedError
 from ..backends.local import LocalBackendArgs
 from ..backends.openai_api import OpenAIBackendArgs
 from ..config import to_dict
-from ..data.records import Record, as_records, records_fingerprint, save_jsonl
+from ..context import single_process
+from ..data.records import Record, as_records
 from ..errors import ConfigError, RunDirError
 from ..faults import fault_point
-from ..io import contained_path, fingerprint, run_lock
+from ..io import contained_path, run_lock
 from ..store import Store
-from .daunce import METHOD, perturbation_plan, score_run, shard_name
+from ..utils import Overall
+from .daunce import METHOD, RUN_OUTPUTS, perturbation_plan, score_run, shard_name
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ class BlackBoxConfig:
     perturbations: int = field(default=32, metadata={"help": "K, the number of fine-tuning jobs"})
     subsample_ratio: float = field(default=0.5, metadata={"help": "fraction r of the training set in each D_k"})
     epochs: float = field(default=1.0, metadata={"help": "epochs of each job over its D_k (openai: whole number)"})
-    batch_size: int = 16
+    batch_size: int = field(default=16, metadata={"help": "examples per optimiser step of each job"})
     learning_rate: float = field(default=3e-4, metadata={"help": "local backend: the AdamW learning rate"})
     learning_rate_multiplier: float | None = field(
         default=None, metadata={"help": "openai backend: the service's multiplier (null: its default)"})
@@ -56,8 +58,10 @@ class BlackBoxConfig:
     signal: Literal["loss", "margin"] = field(default="margin", metadata={"help": "score: loss or margin rows"})
     max_active_jobs: int = field(default=0, metadata={"help": "jobs submitted ahead of the one waited on "
                                                                 "(0: all K at once)"})
-    local: LocalBackendArgs = field(default_factory=LocalBackendArgs)
-    openai: OpenAIBackendArgs = field(default_factory=OpenAIBackendArgs)
+    local: LocalBackendArgs = field(default_factory=LocalBackendArgs,
+                                    metadata={"help": "--backend local: the fine-tune each job runs on this machine"})
+    openai: OpenAIBackendArgs = field(default_factory=OpenAIBackendArgs,
+                                      metadata={"help": "--backend openai: the fine-tuning API and its limits"})
 
     def __post_init__(self) -> None:
         if self.perturbations < 2:
@@ -202,9 +206,8 @@ class BlackBoxDaunce:
 
             model = canonical_spec(model)
         backend.prepare(out)
-        fp = fingerprint({"method": "daunce-blackbox", "model": backend.model_fingerprint(model),
-                          "train": records_fingerprint(train_records), "query": records_fingerprint(query_records),
-                          "config": self.featurize_config()})
+        fp, parts = pipeline.run_fingerprint("daunce-blackbox", backend.model_fingerprint(model), train_records,
+                                    query_records, self.featurize_config())
         header = {
             "config": to_dict(cfg),
             "model": {"spec": model, "fingerprint": backend.model_fingerprint(model), "adapter": "new"},
@@ -218,14 +221,11 @@ class BlackBoxDaunce:
         if cfg.signal not in backend.signals:
             raise ConfigError(f"signal: {cfg.signal} is not available from the {backend.name} backend "
                               f"(it gives {list(backend.signals)})")
-        store = Store.create(out, method=METHOD, fingerprint=fp, header=header, overwrite=overwrite)
+        store = pipeline.open_store(out, method=METHOD, fingerprint=fp, parts=parts, header=header, state=single_process(),
+                           inputs={"train": train, "query": query, "model": model}, train=train_records,
+                           query=query_records, overwrite=overwrite, outputs=("jobs", *RUN_OUTPUTS))
         if overwrite:
-            for stale in ("jobs", "scores.safetensors", "ids.json", "topk.md"):
-                p = out / stale
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
             store.update_manifest(jobs={})
-        save_jsonl(train_records, out / "train.jsonl")
-        save_jsonl(query_records, out / "query.jsonl")
 
         todo = [k for k in range(cfg.perturbations) if store.missing([shard_name(k)])]
         plans = {k: perturbation_plan(cfg.seed, k, len(train_records), cfg.subsample_ratio) for k in todo}
@@ -256,6 +256,7 @@ class BlackBoxDaunce:
         self.submitted = []
         everything = [*train_records, *query_records]
         window = cfg.max_active_jobs or len(todo)
+        overall = Overall(cfg.perturbations, "fine-tuning job", done=cfg.perturbations - len(todo), log=logger)
         for i, k in enumerate(todo):
             for kk in todo[i : i + window]:
                 if not jobs.get(str(kk), {}).get("job_id"):
@@ -284,11 +285,11 @@ class BlackBoxDaunce:
                 "model_id": model_id, "backend": backend.name, "seconds": round(time.time() - t0, 3)})
             jobs[str(k)] = {**entry, "state": "scored"}
             store.update_manifest(jobs=jobs)
-            logger.info("job %d (%s): signals of %d examples written", k, entry["job_id"], len(everything))
+            logger.debug("job %d (%s): signals of %d examples written", k, entry["job_id"], len(everything))
+            overall.update()
+        overall.close()
 
-        manifest = store.finalize([shard_name(k) for k in range(cfg.perturbations)])
-        if not manifest["complete"]:
-            raise RunDirError(f"{out}: some jobs are missing after the run; re-run the same command")
+        pipeline.finish(store, [shard_name(k) for k in range(cfg.perturbations)], single_process(), "jobs")
         self.scores = score_run(out, measure=cfg.measure, signal=cfg.signal, top_k=top_k) if score else None
         return out
 

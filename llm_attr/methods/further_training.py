@@ -1,4 +1,4 @@
-"""Further training from the final model: the final-model-only gold standard of attribution (DESIGN.md section 5).
+"""Further training from the final model: the final-model-only gold standard of attribution (docs/design.md).
 
 From the final model θ_f, for S seeds and J left-out training examples, train once with all the data and once
 without example j (same seed: same data order, LoRA init and dropout), recording every query's loss at a grid of
@@ -24,19 +24,24 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from .. import pipeline
 from ..config import to_dict
-from ..data.records import Record, as_records, records_fingerprint, save_jsonl
+from ..data.records import Record
 from ..data.tokenize import Example, collate, pad_id_of, tokenize_records
-from ..errors import ConfigError, RunDirError
-from ..io import atomic_write_json, fingerprint, locked
+from ..errors import ConfigError
+from ..io import atomic_write_json
 from ..losses import evaluate_signal, forward_logits, per_example_loss
 from ..models.lora import LoraArgs
 from ..scoring import write_ids
-from ..store import Store, model_fingerprint
+from ..store import Store
 from ..training import TrainingArgs, train
+from ..utils import Overall
 
 logger = logging.getLogger(__name__)
 
+#: Files a run writes beside its store (deleted with it by --overwrite); train/query.jsonl: copies of runs made
+#: before the copies moved to inputs/.
+RUN_OUTPUTS = ("reference.safetensors", "scores.safetensors", "ids.json", "scores.json", "train.jsonl", "query.jsonl")
 METHOD = "further-training"
 #: Config keys that do not change the shards (not fingerprinted).
 SHARD_NEUTRAL_KEYS = ("centre", "eval_batch_size")
@@ -46,24 +51,24 @@ SHARD_NEUTRAL_KEYS = ("centre", "eval_batch_size")
 class FurtherTrainingConfig(TrainingArgs):
     """`configs/further_training.yaml`: the runs (seeds x left-out examples), their budgets and optimiser."""
 
-    epochs: float = 1.0  # unused: max_steps is set to the largest budget
+    epochs: float = field(default=1.0, metadata={"help": "unused: max_steps is set to the largest budget"})
     max_steps: int = 40
-    learning_rate: float = 1e-2
+    learning_rate: float = 1e-2  # its help (and batch_size's) is TrainingArgs'
     batch_size: int = 8
-    warmup_ratio: float = 0.0
-    max_grad_norm: float = 0.0  # no clipping: the paired difference stays first-order in the removal
-    seeds: int = 2  # S: paired runs per left-out example
-    leave_out: int = 8  # J: training examples left out, drawn at random from `seed` (0: every example)
-    leave_out_ids: list[str] | None = None  # explicit ids to leave out (overrides leave_out)
-    budgets: list[int] = field(default_factory=lambda: [10, 20, 40])  # steps at which query losses are recorded
-    removal: Literal["exclude", "reweight"] = "exclude"
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    scheduler: Literal["constant", "cosine"] = "constant"
-    adapter: Literal["new", "continue"] = "new"  # new: fresh zero-init LoRA on the merged final model
-    lora: LoraArgs = field(default_factory=LoraArgs)
-    centre: bool = False  # subtract each query's mean over the left-out examples
-    eval_batch_size: int = 64
-    dtype: str = "auto"
+    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of the steps with a linear warm-up (0: none, the runs are short)"})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "no clipping: the paired difference stays first-order in the removal"})
+    seeds: int = field(default=2, metadata={"help": "S: paired runs per left-out example"})
+    leave_out: int = field(default=8, metadata={"help": "J: training examples left out, drawn at random from `seed` (0: every example)"})
+    leave_out_ids: list[str] | None = field(default=None, metadata={"help": "explicit ids to leave out (overrides leave_out)"})
+    budgets: list[int] = field(default_factory=lambda: [10, 20, 40], metadata={"help": "steps at which query losses are recorded"})
+    removal: Literal["exclude", "reweight"] = field(default="exclude", metadata={"help": "exclude: drop the left-out example from the batches; reweight: give it weight 0"})
+    optimizer: Literal["sgd", "adamw"] = field(default="sgd", metadata={"help": "optimiser of the further-training runs"})
+    scheduler: Literal["constant", "cosine"] = field(default="constant", metadata={"help": "learning-rate schedule of the further-training runs"})
+    adapter: Literal["new", "continue"] = field(default="new", metadata={"help": "new: fresh zero-init LoRA on the merged final model"})
+    lora: LoraArgs = field(default_factory=LoraArgs, metadata={"help": "the adapter trained on the final model (adapter: new)"})
+    centre: bool = field(default=False, metadata={"help": "subtract each query's mean over the left-out examples"})
+    eval_batch_size: int = field(default=64, metadata={"help": "batch size of the query-loss evaluation"})
+    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
 
     def __post_init__(self) -> None:
         if not self.budgets or any(b < 1 for b in self.budgets) or sorted(set(self.budgets)) != self.budgets:
@@ -115,62 +120,47 @@ def reweight_objective(left_out: Example, pad_id: int, n_train: int):
 
 
 def featurize_config(cfg: FurtherTrainingConfig) -> dict[str, Any]:
-    return {k: v for k, v in to_dict(cfg).items() if k not in SHARD_NEUTRAL_KEYS}
+    return pipeline.shard_config(cfg, SHARD_NEUTRAL_KEYS)
 
 
-class FurtherTraining:
-    """`FurtherTraining(config).run(model, train, query, out)`: paired further-training runs -> reference scores."""
+class FurtherTraining(pipeline.FeaturizeMethod, name="further-train", config_class=FurtherTrainingConfig):
+    """`FurtherTraining(config).run(model, train, query, out)`: paired further-training runs -> reference scores.
 
-    def __init__(self, config: FurtherTrainingConfig | None = None):
-        self.config = config or FurtherTrainingConfig()
-        self.computed: list[str] = []  # shards this process computed in the last run()
+    Work items: (seed s, left-out position j or None for the full data), one shard of query losses each.
+    """
 
-    @locked("further-train")
-    def run(self, model: str, train: str | Path | list, query: str | Path | list, out: str | Path, *,
-            overwrite: bool = False, score: bool = True) -> Path:
+    def _run(self, model, train_records, query_records, out: Path, *, overwrite: bool, score: bool,
+             top_k: int) -> Path:
         """Compute this process's missing (seed, j) runs, then the main process writes the reference scores."""
-        from accelerate import Accelerator, PartialState
-
-        from ..models.loading import canonical_spec
-
-        cfg = self.config
-        cpu = not torch.cuda.is_available()
-        state = PartialState(cpu=cpu)
-        accelerator = Accelerator(cpu=cpu)
-        out = Path(out)
-        train_records, query_records = as_records(train), as_records(query)
+        cfg, state = self.config, self.context
+        accelerator = state.accelerator()
         train_ids = [r.id for r in train_records]
         positions = left_out_positions(cfg, train_ids)
-        model_fp = model_fingerprint(model)
-        fp = fingerprint({"method": METHOD, "model": model_fp, "train": records_fingerprint(train_records),
-                          "query": records_fingerprint(query_records), "config": featurize_config(cfg)})
+        model, spec, model_fp = pipeline.model_identity(model)
+        fp, parts = pipeline.run_fingerprint(METHOD, model_fp, train_records, query_records, featurize_config(cfg))
         header = {
             "config": to_dict(cfg),
-            "model": {"spec": canonical_spec(model), "fingerprint": model_fp, "adapter": cfg.adapter},
+            "model": {"spec": spec, "fingerprint": model_fp, "adapter": cfg.adapter},
             "ids": {"train": train_ids, "query": [r.id for r in query_records]},
             "left_out": positions,
             "budgets": cfg.budgets,
             "shapes": {"query_loss": [len(cfg.budgets), len(query_records)]},
             "dtype": "float32",
         }
-        store = Store.create(out, method=METHOD, fingerprint=fp, header=header, overwrite=overwrite,
-                             is_main=state.is_main_process, barrier=state.wait_for_everyone)
-        if state.is_main_process:
-            save_jsonl(train_records, out / "train.jsonl")
-            save_jsonl(query_records, out / "query.jsonl")
+        store = pipeline.open_store(out, method=METHOD, fingerprint=fp, parts=parts, header=header, state=state,
+                           inputs=self.inputs, train=train_records,
+                           query=query_records, overwrite=overwrite, outputs=RUN_OUTPUTS)
         runs = [(s, j) for s in range(cfg.seeds) for j in [None, *positions]]
-        mine = runs[state.process_index::state.num_processes]
-        todo = [r for r in mine if store.missing([shard_name(*r)])]
-        logger.info("process %d/%d: %d of its %d further-training runs to compute", state.process_index,
-                    state.num_processes, len(todo), len(mine))
+        mine = pipeline.my_share(runs, state)
+        todo = pipeline.todo(store, mine, lambda r: shard_name(*r))
+        logger.info("further training from the final model with and without each of %d left-out examples (%d "
+                    "seed(s)), recording the loss of %d queries; process %d/%d: %s", len(positions), cfg.seeds,
+                    len(query_records), state.process_index, state.num_processes,
+                    pipeline.work_summary("further-training runs", len(todo), len(mine), len(runs)))
         self.computed = []
         if todo:
             self._compute(model, train_records, query_records, store, todo, accelerator)
-        state.wait_for_everyone()
-        if state.is_main_process:
-            manifest = store.finalize([shard_name(*r) for r in runs])
-            if not manifest["complete"]:
-                raise RunDirError(f"{out}: some further-training runs are missing; re-run the same command")
+        if pipeline.finish(store, [shard_name(*r) for r in runs], state, "further-training runs") is not None:
             if score:
                 write_reference(out, centre=cfg.centre)
         state.wait_for_everyone()
@@ -178,7 +168,7 @@ class FurtherTraining:
 
     def _compute(self, model: str, train_records: list[Record], query_records: list[Record], store: Store,
                  todo: list[tuple[int, int | None]], accelerator) -> None:
-        from .daunce import PerturbationModel, load_target
+        from ..runner import PerturbationModel, load_target
 
         cfg = self.config
         net, tokenizer = load_target(model, cfg.adapter, accelerator.device, cfg.dtype)
@@ -187,6 +177,7 @@ class FurtherTraining:
         query_ex, _ = tokenize_records(query_records, tokenizer, cfg.max_length, source="query")
         pm = PerturbationModel(net, cfg.adapter, cfg.lora)
         n = len(train_ex)
+        overall = Overall(len(todo), "further-training run", log=logger)
         for s, j in todo:
             t0 = time.time()
             order_seed, init_seed = run_seeds(cfg.seed, s)
@@ -212,8 +203,9 @@ class FurtherTraining:
                 "seed": s, "left_out": j, "steps": result.steps, "final_loss": result.final_loss,
                 "seconds": round(time.time() - t0, 3), "process_index": accelerator.process_index})
             self.computed.append(shard_name(s, j))
-            logger.info("%s: %d steps, final loss %.4g, %.1fs", shard_name(s, j), result.steps, result.final_loss,
-                        time.time() - t0)
+            logger.debug("%s: %d steps, final loss %.4g, %.1fs", shard_name(s, j), result.steps, result.final_loss,
+                         time.time() - t0)
+            overall.update()
         if cfg.adapter == "new":
             pm.model.unload()
 
@@ -255,3 +247,16 @@ def write_reference(run: str | Path, centre: bool = False) -> dict[str, Any]:
     logger.info("wrote %s: τ over %d queries x %d left-out examples at budgets %s", run / "reference.safetensors",
                 len(ref["query_ids"]), len(ref["train_ids"]), ref["budgets"])
     return ref
+
+
+def score_cli(run: str | Path, *, top_k: int = 10) -> dict[str, Any]:
+    """`llm-attr score RUN` of a further-training store: the reference scores written again from its shards."""
+    from ..io import run_lock
+
+    with run_lock(run, "further-training scoring"):
+        centre = Store.open(run, METHOD).manifest["config"].get("centre", False)
+        ref = write_reference(run, centre=centre)
+    rows = [f"further-training reference: {len(ref['query_ids'])} queries x {len(ref['train_ids'])} left-out "
+            f"examples at budgets {ref['budgets']}"]
+    return {"table": "\n".join(rows), "files": f"reference: {Path(run) / 'reference.safetensors'}   scores (largest "
+            f"budget): {Path(run) / 'scores.safetensors'}"}

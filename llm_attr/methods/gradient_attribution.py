@@ -4,24 +4,15 @@ Featurize: per-example (LoGra-projected) gradients of every training and query e
 written in blocks of `block_size` examples, one shard per block (`gradients [n, d]` in `store_dtype`, `losses [n]`
 float32, and the block's K-FAC statistics when the method needs them). Under `accelerate launch` process r computes
 the blocks r, r + P, ... of one list; K-FAC statistics are merged in block order, so the result does not depend on P.
-Fit: the main process fits the preconditioner on the stored training gradients (a shard). Score: the query gradients
-are preconditioned once and the training blocks streamed through `scoring.score_inner_products` into
-`RUN/scores.safetensors` (float32 `[n_query, n_train]`), `ids.json`, `topk.md` and `scores.json`.
+Fit and score (`gradient_store`, which also documents the store's shards): the main process fits the
+preconditioner on the stored training gradients and streams the training blocks against the preconditioned query
+gradients. This module owns the config, the featurize phase and `query_run` (new queries' gradients only).
 
-Shards of a gradient store (`c` the checkpoint, `b` the block):
-
-    projection               p_in.<layer> / p_out.<layer> (none when projection_rank is 0)
-    pca-BBBBB                unprojected input / output-gradient statistics of train block b (projection: pca)
-    train-cC-BBBBB           gradients [n, d], losses [n], K-FAC statistics (if-kfac / if-ekfac)
-    query-cC-BBBBB           gradients [n, d], losses [n]
-    preconditioner           the fitted preconditioner; meta: method and damping it was fitted with
-
-See DESIGN.md section 4; the sign convention (positive: the training example helps the query) is the package's.
+See docs/design.md (Projected gradients); the sign convention (positive: the training example helps the query) is the package's.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -33,38 +24,45 @@ from typing import Any, Literal
 
 import torch
 
-from ..config import to_dict
-from ..data.records import as_records, records_fingerprint, save_jsonl
+from .. import pipeline
+from ..config import at_least, to_dict
+from ..data.records import as_records, save_jsonl
 from ..data.tokenize import Example, collate, pad_id_of, token_lengths, tokenize_records
 from ..errors import ConfigError, RunDirError
-from ..io import atomic_write_json, file_fingerprint, fingerprint, locked
-from ..scoring import (
-    ScoreFile,
-    format_topk,
-    record_text,
-    score_inner_products,
-    topk_rows,
-    write_ids,
-    write_topk_table,
+from ..fingerprints import model_fingerprint
+from ..io import file_fingerprint, locked
+from ..results import AttributionResult
+from ..scoring import scores_line
+from ..store import Store, input_copy
+from ..utils import Overall
+from .gradient_store import (  # noqa: F401 (the store's names, also imported from here)
+    FACTOR_METHODS,
+    METHOD,
+    METHODS,
+    _check_complete,
+    _has_factors,
+    block_ranges,
+    expected_shards,
+    fit_preconditioner,
+    gradient_shard,
+    merged_factors,
+    pca_shard,
+    query_gradients,
+    score_cli,
+    score_run,
+    train_chunks,
+    write_scores,
 )
-from ..store import Store, model_fingerprint, module_fingerprint
-from .gradients import GradientExtractor, KroneckerFactors, LayerBlock
-from .preconditioners import EKFAC, KFAC, Cosine, DampedFisher, Preconditioner
+from .gradients import GradientExtractor, KroneckerFactors, effective_params
+from .registry import PRECONDITIONERS
 
 logger = logging.getLogger(__name__)
 
-METHOD = "gradients"
-GradientMethod = Literal["grad-dot", "grad-cos", "tracin", "if-fisher", "if-kfac", "if-ekfac"]
-METHODS: tuple[str, ...] = ("grad-dot", "grad-cos", "tracin", "if-fisher", "if-kfac", "if-ekfac")
-FACTOR_METHODS = ("if-kfac", "if-ekfac")
+#: Files a run writes beside its store (deleted with it by --overwrite); train/query.jsonl: copies of runs made
+#: before the copies moved to inputs/.
+RUN_OUTPUTS = ("scores.safetensors", "ids.json", "topk.md", "scores.json", "train.jsonl", "query.jsonl")
+GradientMethod = Literal[tuple(PRECONDITIONERS)]  # type: ignore[valid-type]  (the registry's names)
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-#: Elements of one chunk of training gradients read back for fitting and scoring (32 MiB of float64).
-CHUNK_ELEMENTS = 1 << 22
-#: Elements of one chunk of training gradients read back for scoring (64 MiB of float32): at d ~ 70k that is 240
-#: rows, where the product with the queries runs at the matmul's speed (60 rows ran at half of it).
-SCORE_CHUNK_ELEMENTS = 1 << 24
-#: d above which the damped Fisher is fitted in float32 rather than float64 (d x d float64 = 512 MiB here).
-FISHER_FLOAT64_MAX_DIM = 8192
 
 
 @dataclass
@@ -84,7 +82,8 @@ class GradientConfig:
     projection: Literal["gaussian", "pca"] = field(default="gaussian", metadata={"help": "random or PCA projections"})
     damping: float | None = field(default=None, metadata={"help": "absolute λ; null: relative_damping x mean eig."})
     relative_damping: float = field(default=0.1, metadata={"help": "λ = this x mean eigenvalue when damping is null"})
-    params: str = field(default="lora", metadata={"help": "lora (the target's adapter) | a module-name regex"})
+    params: str = field(default="lora", metadata={"help": "lora (the target's adapter; on a merged or fully "
+                        "fine-tuned model: adapted) | adapted (the linear weights LoRA would adapt) | a module-name regex"})
     store_dtype: Literal["float32", "float16", "bfloat16"] = field(
         default="float32", metadata={"help": "dtype of the stored gradients"}
     )
@@ -100,10 +99,7 @@ class GradientConfig:
     def __post_init__(self) -> None:
         if self.projection_rank < 0:
             raise ValueError(f"projection_rank must be >= 0 (0: exact gradients), got {self.projection_rank}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        at_least(self, batch_size=1, block_size=1)
         if self.damping is not None and not self.damping >= 0:
             raise ValueError(f"damping must be >= 0 or null, got {self.damping}")
         if not self.relative_damping > 0:
@@ -137,29 +133,20 @@ class GradientConfig:
         return list(self.checkpoints) if self.method == "tracin" and self.checkpoints else [None]
 
 
-# ---------------------------------------------------------------------- store layout
-
-
-def block_ranges(n: int, block_size: int) -> list[tuple[int, int]]:
-    """`[(start, stop), ...]` of consecutive blocks of at most `block_size` rows covering `range(n)`."""
-    return [(s, min(s + block_size, n)) for s in range(0, n, block_size)]
-
-
-def gradient_shard(kind: Literal["train", "query"], checkpoint: int, block: int) -> str:
-    return f"{kind}-c{checkpoint}-{block:05d}"
-
-
-def pca_shard(block: int) -> str:
-    return f"pca-{block:05d}"
-
-
 def _adapter_file(adapter: str | Path) -> Path:
-    """The `adapter_model.safetensors` of an adapter directory or of a run directory's `adapter/`."""
+    """The `adapter_model.safetensors` of any form `models.loading.detect_model` reads as an adapter: a peft adapter
+    folder, a Trainer/TRL `checkpoint-N` (or an output folder: its last checkpoint), a run directory."""
+    from ..models.loading import adapter_of
+
     p = Path(adapter)
     for candidate in (p / "adapter_model.safetensors", p / "adapter" / "adapter_model.safetensors"):
         if candidate.is_file():
             return candidate
-    raise ConfigError(f"checkpoint {adapter}: no adapter_model.safetensors there (nor in {p / 'adapter'})")
+    found = adapter_of(p)
+    if found is not None and (found[1] / "adapter_model.safetensors").is_file():
+        return found[1] / "adapter_model.safetensors"
+    raise ConfigError(f"checkpoint {adapter}: no LoRA adapter there; pass a peft adapter folder (adapter_config.json + "
+                      "adapter_model.safetensors), a Trainer checkpoint-N holding one, or a run directory")
 
 
 def featurize_config(cfg: GradientConfig) -> dict[str, Any]:
@@ -185,49 +172,19 @@ def featurize_config(cfg: GradientConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------- the method
 
 
-class GradientAttribution:
-    """`GradientAttribution(config).run(model, train, query, out)`: gradients -> store -> preconditioner -> scores."""
+class GradientAttribution(pipeline.FeaturizeMethod, name="gradients", config_class=GradientConfig):
+    """`GradientAttribution(config).run(model, train, query, out)`: gradients -> store -> preconditioner -> scores.
 
-    def __init__(self, config: GradientConfig | None = None):
-        self.config = config or GradientConfig()
-        self.computed: list[str] = []  # shards this process computed in the last run()
-        self.scores: dict[str, Any] | None = None  # figures and text table of the last run's scoring (main process)
+    Work items: blocks of `block_size` training or query examples per checkpoint, one shard each; a fine-tuned run
+    dir as model keeps its adapter for `params: lora`, another model needs a `params` pattern.
+    """
 
-    def _on_shard_written(self, name: str) -> None:
-        """Called after each gradient or statistics shard is written (a hook for tests and progress reporting)."""
-
-    @locked("gradients")
-    def run(
-        self,
-        model: str | Any,
-        train: str | Path | list,
-        query: str | Path | list,
-        out: str | Path,
-        *,
-        overwrite: bool = False,
-        score: bool = True,
-        top_k: int = 10,
-    ) -> Path:
-        """Featurize (this process's missing blocks), then the main process fits and scores; returns `out`.
-
-        model: a spec (a fine-tuned run dir: its adapter is kept for `params: lora`; a model dir, `builtin:tiny`
-        with a `params` pattern) or a `LoadedModel`. train, query: JSONL paths, dataset dirs, or lists of records.
-        Re-running the same command resumes; a different model, data or featurization is refused (RunDirError).
-        """
-        from accelerate import PartialState
-
-        cfg = self.config
-        state = PartialState(cpu=not torch.cuda.is_available())
-        out = Path(out)
-        train_records, query_records = as_records(train), as_records(query)
-        if isinstance(model, str):
-            from ..models.loading import canonical_spec
-
-            spec, model_fp = canonical_spec(model), model_fingerprint(model)
-        else:
-            spec, model_fp = getattr(model, "spec", "in-memory model"), module_fingerprint(model.model)
-        fp = fingerprint({"method": METHOD, "model": model_fp, "train": records_fingerprint(train_records),
-                          "query": records_fingerprint(query_records), "featurize": featurize_config(cfg)})
+    def _run(self, model, train_records, query_records, out: Path, *, overwrite: bool, score: bool,
+             top_k: int) -> AttributionResult:
+        cfg, state = self.config, self.context
+        model, spec, model_fp = pipeline.model_identity(model)
+        fp, parts = pipeline.run_fingerprint(METHOD, model_fp, train_records, query_records, featurize_config(cfg),
+                                    config_key="featurize")
         header = {
             "config": to_dict(cfg),
             "model": {"spec": spec, "fingerprint": model_fp},
@@ -235,16 +192,13 @@ class GradientAttribution:
             "dtype": cfg.store_dtype,
             "block_size": cfg.block_size,
         }
-        store = Store.create(out, method=METHOD, fingerprint=fp, header=header, overwrite=overwrite,
-                             is_main=state.is_main_process, barrier=state.wait_for_everyone)
-        if state.is_main_process:
-            for stale in ("scores.safetensors", "ids.json", "topk.md", "scores.json"):
-                (out / stale).unlink(missing_ok=True)
-            save_jsonl(train_records, out / "train.jsonl")
-            save_jsonl(query_records, out / "query.jsonl")
+        store = pipeline.open_store(out, method=METHOD, fingerprint=fp, parts=parts, header=header, state=state,
+                           inputs=self.inputs, train=train_records,
+                           query=query_records, overwrite=overwrite, outputs=RUN_OUTPUTS)
 
         net, tokenizer = self._load(model, state.device)
-        extractor = GradientExtractor(net, cfg.params, cfg.projection_rank, cfg.projection, cfg.seed)
+        extractor = GradientExtractor(net, effective_params(cfg.params, net, model), cfg.projection_rank,
+                                      cfg.projection, cfg.seed)
         pad_id = pad_id_of(tokenizer)
         train_ex, _ = tokenize_records(train_records, tokenizer, cfg.max_length, source="train")
         query_ex, _ = tokenize_records(query_records, tokenizer, cfg.max_length, source="query")
@@ -261,17 +215,13 @@ class GradientAttribution:
                     len(query_ex), len(extractor.layers), extractor.dim,
                     f"projection rank {cfg.projection_rank}, {cfg.projection}" if cfg.projection_rank else "exact")
         self._gradients(store, extractor, train_ex, query_ex, pad_id, state)
-        state.wait_for_everyone()
         self.scores = None
-        if state.is_main_process:
-            manifest = store.finalize(expected_shards(store.manifest))
-            if not manifest["complete"]:
-                raise RunDirError(f"{out}: some gradient blocks are missing after the run; re-run the same command")
+        if pipeline.finish(store, expected_shards(store.manifest), state, "gradient blocks") is not None:
             fit_preconditioner(store)
             if score:
                 self.scores = score_run(out, top_k=top_k)
         state.wait_for_everyone()
-        return out
+        return AttributionResult(out)  # a path too: `out / 'topk.md'` still works
 
     # ------------------------------------------------------------------ model
 
@@ -353,11 +303,12 @@ class GradientAttribution:
         with_factors = cfg.method in FACTOR_METHODS
         todo = [w for w in mine if store.missing([gradient_shard(w[1], w[0], w[2])])
                 or (with_factors and w[:2] == (0, "train") and not _has_factors(store, gradient_shard("train", 0, w[2])))]
-        logger.info("process %d/%d: %d gradient blocks to compute (%d of its %d already done)", state.process_index,
-                    state.num_processes, len(todo), len(mine) - len(todo), len(mine))
+        logger.info("process %d/%d: %s", state.process_index, state.num_processes,
+                    pipeline.work_summary("gradient blocks", len(todo), len(mine), len(work)))
         if not todo:
             return
         restore = _adapter_state(extractor.model) if checkpoints != [None] else None
+        overall = Overall(len(mine), "gradient block", done=len(mine) - len(todo), log=logger)
         try:
             current = None
             for c, kind, b, start, stop in todo:
@@ -377,36 +328,17 @@ class GradientAttribution:
                 store.write_shard(name, tensors, meta={"kind": kind, "checkpoint": c, "block": b,
                                                        "rows": [start, stop], "seconds": round(seconds, 3),
                                                        "process_index": state.process_index})
-                logger.info("%s: %d examples in %.1fs", name, stop - start, seconds)
+                logger.debug("%s: %d examples in %.1fs", name, stop - start, seconds)
+                overall.update()
                 self._shard_done(name)
         finally:
+            overall.close()
             if restore is not None:
                 _set_adapter_state(extractor.model, restore)
 
     def _shard_done(self, name: str) -> None:
         self.computed.append(name)
         self._on_shard_written(name)
-
-
-def _read_statistics(store: Store, name: str) -> dict[str, torch.Tensor]:
-    """The K-FAC statistics of gradient shard `name` (float64), without reading its gradients."""
-    from safetensors import safe_open
-
-    if store.missing([name]):
-        raise RunDirError(f"{store.root}: shard {name} is missing or corrupted; re-run `llm-attr gradients`")
-    out = {}
-    with safe_open(str(store.shard_path(name)), framework="pt") as f:
-        for key in f.keys():
-            if key not in ("gradients", "losses"):
-                value = f.get_tensor(key)
-                out[key] = value.double() if value.is_floating_point() else value
-    return out
-
-
-def _has_factors(store: Store, name: str) -> bool:
-    """Whether gradient shard `name` holds its block's K-FAC statistics (written by if-kfac / if-ekfac runs)."""
-    info = store.shard_info(name)
-    return info is not None and "n_tokens" in info["tensors"]
 
 
 # ---------------------------------------------------------------------- TracIn checkpoints
@@ -442,190 +374,6 @@ def _load_checkpoint(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
     logger.info("tracin: gradients at checkpoint %s (lr %g)", checkpoint.adapter, checkpoint.lr)
 
 
-# ---------------------------------------------------------------------- fitting and scoring
-
-
-def expected_shards(manifest: dict[str, Any]) -> list[str]:
-    """Every gradient shard a complete store holds."""
-    n_train, n_query = len(manifest["ids"]["train"]), len(manifest["ids"]["query"])
-    bs = manifest["block_size"]
-    names = []
-    for c in range(len(manifest.get("checkpoints") or [None])):
-        names += [gradient_shard("train", c, b) for b in range(len(block_ranges(n_train, bs)))]
-        names += [gradient_shard("query", c, b) for b in range(len(block_ranges(n_query, bs)))]
-    return names
-
-
-def _layer_blocks(manifest: dict[str, Any]) -> list[LayerBlock]:
-    return [LayerBlock(**b) for b in manifest["layers"]]
-
-
-def _check_complete(store: Store) -> dict[str, Any]:
-    manifest = store.manifest
-    missing = store.missing(expected_shards(manifest))
-    if missing:
-        raise RunDirError(f"{store.root}: {len(missing)} gradient blocks are missing ({missing[:3]}...); re-run "
-                          "`llm-attr gradients` with the same arguments to compute them")
-    return manifest
-
-
-def train_chunks(store: Store, checkpoint: int = 0, dtype: torch.dtype = torch.float32,
-                 max_elements: int = CHUNK_ELEMENTS) -> Iterator[torch.Tensor]:
-    """The stored training gradients at `checkpoint` in row order, as `[n_c, d]` chunks in `dtype` of at most
-    `max_elements` elements (at least one row), read lazily from the block shards: memory is bounded for any N, d."""
-    manifest = store.manifest
-    d = manifest["shapes"]["train_gradients"][1]
-    rows = max(1, max_elements // max(d, 1))
-    for b, (start, stop) in enumerate(block_ranges(len(manifest["ids"]["train"]), manifest["block_size"])):
-        name = gradient_shard("train", checkpoint, b)
-        for s in range(0, stop - start, rows):
-            yield store.read_slice(name, "gradients", s, min(s + rows, stop - start)).to(dtype)
-
-
-def query_gradients(store: Store, checkpoint: int = 0) -> torch.Tensor:
-    """`[n_query, d]` float32: all stored query gradients at `checkpoint`."""
-    manifest = store.manifest
-    blocks = block_ranges(len(manifest["ids"]["query"]), manifest["block_size"])
-    return torch.cat([store.read_shard(gradient_shard("query", checkpoint, b))["gradients"].float()
-                      for b in range(len(blocks))])
-
-
-def merged_factors(store: Store) -> KroneckerFactors:
-    """The K-FAC statistics of all training blocks (checkpoint 0), summed in block order."""
-    manifest = store.manifest
-    factors = KroneckerFactors()
-    for b in range(len(block_ranges(len(manifest["ids"]["train"]), manifest["block_size"]))):
-        name = gradient_shard("train", 0, b)
-        if not _has_factors(store, name):
-            raise RunDirError(f"{store.root}: block {name} holds no K-FAC statistics; re-run `llm-attr gradients` "
-                              "with --set method=if-kfac (or if-ekfac) to add them")
-        factors.merge(KroneckerFactors.from_state_dict(_read_statistics(store, name)))
-    return factors
-
-
-def _train_digest(store: Store) -> str:
-    """Fingerprint of the training gradient shards (checkpoint 0): what a fitted preconditioner depends on."""
-    manifest = store.manifest
-    n_blocks = len(block_ranges(len(manifest["ids"]["train"]), manifest["block_size"]))
-    return fingerprint([store.shard_info(gradient_shard("train", 0, b))["sha256"] for b in range(n_blocks)])
-
-
-def fit_preconditioner(store: Store, method: str | None = None, damping: float | None = None,
-                       relative_damping: float | None = None) -> Preconditioner:
-    """The store's preconditioner for `method` (default: the run's), read from the `preconditioner` shard when it was
-    fitted with the same method and damping, else fitted on the training gradients and written there."""
-    manifest = _check_complete(store)
-    cfg = manifest["config"]
-    method = method or cfg["method"]
-    if method not in METHODS:
-        raise ConfigError(f"method {method!r}: expected one of {list(METHODS)}")
-    damping = cfg["damping"] if damping is None else damping
-    relative_damping = cfg["relative_damping"] if relative_damping is None else relative_damping
-    meta = {"method": method, "damping": damping, "relative_damping": relative_damping,
-            "train_shards": _train_digest(store)}
-    if method in ("grad-dot", "tracin"):
-        return Preconditioner()
-    if method == "grad-cos":
-        return Cosine()
-    blocks = _layer_blocks(manifest)
-    if method == "if-fisher":
-        precond: Preconditioner = DampedFisher(damping, relative_damping)
-    elif method == "if-kfac":
-        precond = KFAC(blocks, damping, relative_damping)
-    else:
-        precond = EKFAC(blocks, damping, relative_damping)
-    info = store.shard_info("preconditioner")
-    if info is not None and info["meta"] == meta and not store.missing(["preconditioner"]):
-        precond.load_state_dict(store.read_shard("preconditioner"))
-        return precond
-    t0 = time.time()
-    d = manifest["shapes"]["train_gradients"][1]
-    if method == "if-fisher":
-        dtype = torch.float64 if d <= FISHER_FLOAT64_MAX_DIM else torch.float32
-        precond.fit(train_chunks(store, 0, dtype))
-    else:
-        factors = merged_factors(store)
-        if method == "if-kfac":
-            precond.fit(factors)
-        else:
-            precond.fit(factors, train_chunks(store, 0, torch.float64))
-    store.write_shard("preconditioner", precond.state_dict(), meta=meta)
-    logger.info("%s: fitted in %.1fs", method, time.time() - t0)
-    return precond
-
-
-def _train_texts(run: Path, indices: set[int]) -> dict[int, str]:
-    """`prompt → response` of the training records at `indices` (RUN/train.jsonl, read line by line)."""
-    out: dict[int, str] = {}
-    path = run / "train.jsonl"
-    if path.is_file():
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if i in indices and line.strip():
-                    out[i] = record_text(json.loads(line))
-    return out
-
-
-def write_scores(out: Path, run: Path, store: Store, method: str, damping: float | None,
-                 query: list[torch.Tensor], query_ids: list[str], top_k: int, meta: dict[str, Any]) -> dict[str, Any]:
-    """Score query gradients (`query[c]`: `[Q, d]` at checkpoint c) against the store's training gradients into
-    `out`: scores.safetensors (float32 `[Q, N]`), ids.json, topk.md, scores.json. Returns figures and a text table."""
-    manifest = store.manifest
-    t0 = time.time()
-    precond = fit_preconditioner(store, method, damping)
-    checkpoints = manifest.get("checkpoints") or [None]
-    if method == "tracin" and len(checkpoints) > 1:
-        # Σ_c lr_c g_q(c)ᵀ g_j(c): one inner product of the checkpoints' gradients side by side
-        lrs = [c["lr"] for c in checkpoints]
-        q = torch.cat([lr * g.double() for g, lr in zip(query, lrs, strict=True)], dim=1)
-        chunks = (torch.cat(blocks, dim=1)
-                  for blocks in zip(*(train_chunks(store, c, max_elements=SCORE_CHUNK_ELEMENTS // len(lrs))
-                                      for c in range(len(lrs))), strict=True))
-    else:
-        lr = checkpoints[0]["lr"] if method == "tracin" and checkpoints[0] is not None else 1.0
-        q = lr * precond.apply(query[0].double())
-        chunks = (precond.train_side(chunk) for chunk in train_chunks(store, 0, max_elements=SCORE_CHUNK_ELEMENTS))
-    train_ids = manifest["ids"]["train"]
-    rank = manifest["config"]["projection_rank"]
-    sf = ScoreFile(out / "scores.safetensors", (len(query_ids), len(train_ids)),
-                   metadata={"method": method, "projection_rank": rank})
-    try:
-        score_inner_products(q, chunks, n_train=len(train_ids), out=sf.array)
-        values, indices = topk_rows(sf.array, top_k)
-    except BaseException:
-        sf.abort()
-        raise
-    sf.commit()
-    write_ids(out / "ids.json", query_ids, train_ids)
-    texts = _train_texts(run, set(indices.ravel().tolist()))
-    title = f"{method} top-{top_k} ({f'projection rank {rank}' if rank else 'exact gradients'})"
-    write_topk_table(out / "topk.md", query_ids, train_ids, values, indices, texts.get, title=title)
-    info = {"method": method, "projection_rank": rank, "dim": manifest["shapes"]["train_gradients"][1],
-            "top_k": top_k, "seconds": round(time.time() - t0, 3), **meta}
-    atomic_write_json(out / "scores.json", info)
-    logger.info("wrote %s [%d x %d] and %s", out / "scores.safetensors", len(query_ids), len(train_ids),
-                out / "topk.md")
-    info["table"] = format_topk(query_ids, train_ids, values, indices, texts.get)
-    return info
-
-
-@locked("gradient scoring", dir_arg="run")
-def score_run(run: str | Path, *, method: str | None = None, damping: float | None = None,
-              top_k: int = 10) -> dict[str, Any]:
-    """Score a gradient run's queries from its store: RUN/scores.safetensors, ids.json, topk.md, scores.json.
-
-    `method`: another scoring method over the same gradients (grad-dot, grad-cos, if-fisher always; if-kfac and
-    if-ekfac when the store holds K-FAC statistics; tracin sums over the store's checkpoints). Returns the figures
-    and a text table.
-    """
-    run = Path(run)
-    store = Store.open(run, METHOD)
-    manifest = _check_complete(store)
-    query = [query_gradients(store, c) for c in range(len(manifest.get("checkpoints") or [None]))]
-    return write_scores(run, run, store, method or manifest["config"]["method"], damping, query,
-                        manifest["ids"]["query"], top_k, {"run": str(run)})
-
-
 @locked("gradient query")
 def query_run(run: str | Path, query: str | Path | list, out: str | Path, *, method: str | None = None,
               damping: float | None = None, top_k: int = 10, batch_size: int | None = None) -> dict[str, Any]:
@@ -639,6 +387,7 @@ def query_run(run: str | Path, query: str | Path | list, out: str | Path, *, met
     from ..models.loading import auto_device
 
     run, out = Path(run), Path(out)
+    pipeline.check_out(out, "query", {"run": run, "query": query}, resumable=pipeline.QUERY_OUTPUTS)
     store = Store.open(run, METHOD)
     manifest = _check_complete(store)
     cfg = from_dict(GradientConfig, manifest["config"], where=f"{run}/manifest.json config")
@@ -654,7 +403,8 @@ def query_run(run: str | Path, query: str | Path | list, out: str | Path, *, met
                           "(fingerprint differs); `llm-attr query` needs the very same model")
     method_obj = GradientAttribution(cfg)
     net, tokenizer = method_obj._load(spec, auto_device())
-    extractor = GradientExtractor(net, cfg.params, cfg.projection_rank, cfg.projection, cfg.seed)
+    extractor = GradientExtractor(net, effective_params(cfg.params, net, spec), cfg.projection_rank, cfg.projection,
+                                  cfg.seed)
     if cfg.projection_rank:
         extractor.load_state_dict(store.read_shard("projection"))
     if extractor.dim != manifest["shapes"]["train_gradients"][1]:
@@ -670,6 +420,12 @@ def query_run(run: str | Path, query: str | Path | list, out: str | Path, *, met
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "query_gradients.safetensors",
                  lambda tmp: save_file({f"c{c}": g for c, g in enumerate(grads)}, tmp))
-    save_jsonl(records, out / "query.jsonl")
+    save_jsonl(records, input_copy(out, "query"))
     return write_scores(out, run, store, method or cfg.method, damping, grads, [r.id for r in records], top_k,
                         {"run": str(run), "query": str(query) if isinstance(query, (str, Path)) else "records"})
+
+
+def query_cli(run: str | Path, query: str | Path, out: str | Path, *, top_k: int = 10, method: str | None = None,
+              damping: float | None = None) -> dict[str, Any]:
+    """`llm-attr query RUN --query Q --out OUT` of a gradient store (`query_run`)."""
+    return {**query_run(run, query, out, method=method, damping=damping, top_k=top_k), "files": scores_line(out)}

@@ -150,9 +150,12 @@ _LORA_NAME = re.compile(r"lora_[AB]\.([^.]+)$")
 def select_layers(model: nn.Module, params: str = "lora") -> list[tuple[str, nn.Module, int, int, bool]]:
     """Linear layers to track, in module order: (name, module, in, out, transposed).
 
-    `params="lora"`: the `lora_A` / `lora_B` modules of the model's active peft adapter(s). Otherwise a regular
+    `params="lora"`: the `lora_A` / `lora_B` modules of the model's active peft adapter(s). `"adapted"`: the linear
+    weights LoRA would adapt (`effective_params`: what "lora" means for a merged model). Otherwise a regular
     expression searched in module names (`"mlp"`, `r"layers\\.1\\..*proj$"`); `nn.Linear` and GPT-2 `Conv1D` only.
     """
+    if params == "adapted":
+        return _adapted_layers(model)
     pattern = None if params == "lora" else re.compile(params)
     active = None
     if pattern is None and hasattr(model, "peft_config"):
@@ -180,6 +183,40 @@ def select_layers(model: nn.Module, params: str = "lora") -> list[tuple[str, nn.
                 "adapter, or set params to a module-name pattern)"
             )
         raise GradientError(f"params={params!r}: no nn.Linear / Conv1D module name matches this pattern")
+    return found
+
+
+def effective_params(params: str, model: nn.Module, spec: object = None) -> str:
+    """`params` for `select_layers`: `"lora"` on a model without a LoRA adapter that is not a builtin base (a merged
+    or fully fine-tuned model: a user's fine-tune) means `"adapted"`, the linear weights LoRA would adapt."""
+    builtin = isinstance(spec, str) and spec.startswith("builtin:")
+    if params == "lora" and not hasattr(model, "peft_config") and not builtin:
+        return "adapted"
+    return params
+
+
+def _adapted_layers(model: nn.Module) -> list[tuple[str, nn.Module, int, int, bool]]:
+    """`params='adapted'` (what `'lora'` means on a merged or fully fine-tuned model): the linear weights of the layers
+    LoRA would adapt (`models.lora.default_target_modules`: attention and MLP projections; all linear layers but
+    the output head for other architectures), named in the log."""
+    from ..models.lora import default_target_modules
+
+    config = getattr(model, "config", None)
+    targets = default_target_modules(getattr(config, "model_type", ""))
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    found = []
+    for name, module in model.named_modules():
+        dims = _linear_dims(module)
+        if dims is None or module is head:
+            continue
+        if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
+            found.append((name, module, *dims))
+    if not found:
+        raise GradientError("params='lora': the model has no LoRA adapter and no linear layer LoRA would adapt; set "
+                            "params to a module-name pattern")
+    kinds = sorted({name.rsplit(".", 1)[-1] for name, *_ in found})
+    logger.info("params='lora' on a model without a LoRA adapter (merged or fully fine-tuned): gradients of the %d "
+                "linear weights LoRA would adapt (%s), e.g. %s", len(found), ", ".join(kinds), found[0][0])
     return found
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from .gradients import GradientError, KroneckerFactors, LayerBlock
+from .registry import PRECONDITIONERS as REGISTERED
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class Preconditioner:
     """Identity (Grad-Dot; TracIn per checkpoint). score(q, j) = apply(g_q) · train_side(g_j)."""
 
     name = "grad-dot"
+    needs_fit = False  # identity and cosine: nothing to fit
 
     def apply(self, g: torch.Tensor) -> torch.Tensor:
         """Query side: `[n, d] -> [n, d]`."""
@@ -80,6 +82,7 @@ class DampedFisher(Preconditioner):
     """
 
     name = "if-fisher"
+    needs_fit = True
 
     def __init__(self, damping: float | None = None, relative_damping: float = 0.1) -> None:
         self.damping = damping
@@ -146,6 +149,7 @@ class KFAC(Preconditioner):
     """
 
     name = "if-kfac"
+    needs_fit = True
 
     def __init__(
         self, blocks: Sequence[LayerBlock], damping: float | None = None, relative_damping: float = 0.1
@@ -241,14 +245,27 @@ class EKFAC(KFAC):
         return self
 
 
+#: name (`registry.PRECONDITIONERS`, where the CLI takes its choices) -> class
 PRECONDITIONERS: dict[str, type[Preconditioner]] = {
     "grad-dot": Preconditioner,
-    "tracin": Preconditioner,
     "grad-cos": Cosine,
+    "tracin": Preconditioner,
     "if-fisher": DampedFisher,
     "if-kfac": KFAC,
     "if-ekfac": EKFAC,
 }
+assert tuple(PRECONDITIONERS) == tuple(REGISTERED), "preconditioners and registry.PRECONDITIONERS disagree"
+
+
+def build_preconditioner(method: str, blocks: list, damping: float | None,
+                         relative_damping: float) -> Preconditioner:
+    """An unfitted preconditioner `method` (K-FAC kinds over the layer `blocks`); `needs_fit` says whether it must be fitted."""
+    cls = PRECONDITIONERS[method]
+    if issubclass(cls, KFAC):
+        return cls(blocks, damping, relative_damping)
+    if issubclass(cls, DampedFisher):
+        return cls(damping, relative_damping)
+    return cls()
 
 
 def score(

@@ -1,15 +1,21 @@
-"""Load a causal LM and its tokenizer from a builtin name, a local directory, a GGUF file, a hub id or a run directory.
+"""Load a causal LM and its tokenizer from whatever a user holds: a builtin name, a hub id, a model directory (full or
+merged weights), a GGUF file, a peft adapter folder, a Trainer/TRL `checkpoint-N` or output folder, or a run directory.
 
-A run directory (written by `llm-attr finetune`) holds `manifest.json` naming its base model and an `adapter/`
-folder: loading it loads the base (recursively: a run may build on a run) and merges or stacks the adapter.
+`detect_model` says which form a spec is (and `load_model` logs it). An adapter on a base (a peft adapter folder, a
+checkpoint holding one, a run directory written by `llm-attr finetune`) loads its base (recursively: a run may build on
+a run) and merges or stacks the adapter; the base comes from `adapter_config.json` (`base_model_name_or_path`) or the
+run's `manifest.json`, unless `--base` (`base_model(...)`, `load_model(base=...)`) names another.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import json
 import logging
+import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +34,12 @@ Quantization = Literal["none", "4bit", "8bit"]
 #: Files any one of which a local model directory needs for `AutoTokenizer` to load its tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _remote_code = contextvars.ContextVar("llm_attr_trust_remote_code", default=False)
+_base_override = contextvars.ContextVar("llm_attr_base_model", default=None)
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
+#: What a `--model` may be, for the one-line error when a path is none of them.
+MODEL_FORMS = ("a model directory (config.json), a peft adapter folder (adapter_config.json + "
+               "adapter_model.safetensors), a Trainer/TRL checkpoint-N or output folder, a .gguf file, a run directory "
+               "(manifest.json + adapter/), a hub id or builtin:tiny")
 
 
 @contextlib.contextmanager
@@ -42,6 +54,17 @@ def remote_code_trusted(trust: bool = True) -> Iterator[None]:
         yield
     finally:
         _remote_code.reset(token)
+
+
+@contextlib.contextmanager
+def base_model(base: str | os.PathLike | None) -> Iterator[None]:
+    """Within the block, an adapter given as the model is loaded onto `base` (a directory or hub id) instead of the
+    base its `adapter_config.json` names: what `--base` does, for when the base lives elsewhere on this machine."""
+    token = _base_override.set(None if base is None else os.fspath(base))
+    try:
+        yield
+    finally:
+        _base_override.reset(token)
 
 
 def _trusted(trust_remote_code: bool) -> bool:
@@ -79,12 +102,111 @@ def auto_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
     return torch.float32
 
 
-def is_run_dir(path: str | Path) -> bool:
+def is_run_dir(path: str | os.PathLike) -> bool:
     p = Path(path)
     return (p / "manifest.json").is_file() and (p / "adapter").is_dir()
 
 
-def run_base(path: str | Path) -> str:
+@dataclass(frozen=True)
+class ModelSource:
+    """What a model spec holds, as `detect_model` found it.
+
+    form: `builtin`, `hub`, `gguf`, `model` (full or merged weights), `adapter` (a peft adapter folder, a checkpoint
+    holding one), or `run` (a run directory). path: what to load (the adapter folder for `adapter` and `run`).
+    base: the base spec an adapter loads onto. described: the form in words, for the log.
+    """
+
+    form: str
+    path: str
+    base: str | None = None
+    described: str = ""
+
+
+def _adapter_files(p: Path) -> bool:
+    return (p / "adapter_config.json").is_file()
+
+
+def _last_checkpoint(p: Path) -> Path | None:
+    """The highest-numbered `checkpoint-N` subfolder of a Trainer output folder, or None."""
+    found = [(int(m.group(1)), q) for q in p.iterdir() if q.is_dir() and (m := _CHECKPOINT.match(q.name))]
+    return max(found)[1] if found else None
+
+
+def _adapter_base(folder: Path, override: str | None) -> str:
+    """The base an adapter folder loads onto: `override`, else `base_model_name_or_path` of its peft config."""
+    if override:
+        return canonical_spec(override)
+    from peft import PeftConfig
+
+    try:
+        base = PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
+    except Exception as e:
+        raise ModelError(f"{folder}/adapter_config.json: unreadable peft config ({type(e).__name__}: {e})") from None
+    if not base:
+        raise ModelError(f"{folder}/adapter_config.json: field 'base_model_name_or_path' is empty; pass --base "
+                         "DIR_OR_ID (the model the adapter was trained on)")
+    local = Path(base).expanduser()
+    if not local.exists() and (base.startswith((".", "/", "~")) or base.count("/") > 1):
+        raise ModelError(f"{folder}/adapter_config.json: its base {base!r} is not on this machine; pass --base "
+                         "DIR_OR_ID (the model the adapter was trained on)")
+    return canonical_spec(base)
+
+
+def detect_model(spec: str | os.PathLike, base: str | os.PathLike | None = None) -> ModelSource:
+    """Which form `spec` is (see `ModelSource`); a path that is none of them is a `ModelError` saying what to pass.
+
+    `base` (default: `--base`, the `base_model` block) overrides the base of an adapter or run directory.
+    """
+    spec = os.fspath(spec)
+    override = os.fspath(base) if base is not None else _base_override.get()
+    if spec.startswith("builtin:"):
+        return ModelSource("builtin", spec, described=f"builtin model {spec}")
+    p = Path(spec).expanduser()
+    if p.is_file():
+        if p.suffix == ".gguf":
+            return ModelSource("gguf", str(p), described=f"GGUF file {p.name}")
+        if p.name in ("adapter_config.json", "config.json", "adapter_model.safetensors"):
+            return detect_model(p.parent, base)
+        raise ModelError(f"{p}: a file that is not a model; pass {MODEL_FORMS}")
+    if p.is_dir():
+        if is_run_dir(p):
+            return ModelSource("run", str(p / "adapter"), override or run_base(p), f"run directory {p}")
+        if _adapter_files(p):
+            if not (p / "adapter_model.safetensors").is_file():
+                from .lora import load_adapter  # its message: a pickled adapter, or no weights at all
+
+                load_adapter(None, str(p))
+            kind = "Trainer checkpoint holding a peft adapter" if _CHECKPOINT.match(p.name) else "peft adapter folder"
+            return ModelSource("adapter", str(p), _adapter_base(p, override), f"{kind} {p}")
+        if (p / "config.json").is_file():
+            kind = "Trainer checkpoint with full weights" if _CHECKPOINT.match(p.name) else "model directory"
+            return ModelSource("model", str(p), described=f"{kind} {p} (full or merged weights)")
+        last = _last_checkpoint(p)
+        if last is not None:
+            inner = detect_model(last, base)  # a Trainer output folder without a final model
+            return dataclasses.replace(inner, described=f"{inner.described} (the last checkpoint of the Trainer "
+                                                        f"output folder {p})")
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource("gguf", str(ggufs[0]), described=f"GGUF file {ggufs[0].name}")
+        what = f"{len(ggufs)} .gguf files (pass one of them)" if ggufs else "nothing loadable"
+        raise ModelError(f"{p}: not a model directory ({what}); pass {MODEL_FORMS}")
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return ModelSource("hub", spec, described=f"hub id {spec}")
+    raise ModelError(f"{spec}: no such model directory, file, builtin model or hub id; pass {MODEL_FORMS}")
+
+
+def adapter_of(spec: str | os.PathLike) -> tuple[str, Path] | None:
+    """(base spec, adapter folder) of a spec that is an adapter on a base (a run directory, a peft adapter folder, a
+    checkpoint holding one); None for a whole model."""
+    try:
+        source = detect_model(spec)
+    except ModelError:
+        return None
+    return (source.base, Path(source.path)) if source.form in ("adapter", "run") else None
+
+
+def run_base(path: str | os.PathLike) -> str:
     """The base-model spec a run directory was trained on."""
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     try:
@@ -93,8 +215,9 @@ def run_base(path: str | Path) -> str:
         raise ModelError(f"{path}/manifest.json: missing field 'base_model'") from None
 
 
-def canonical_spec(spec: str) -> str:
+def canonical_spec(spec: str | os.PathLike) -> str:
     """Absolute path for local paths (so a manifest stays valid from any working directory), the spec otherwise."""
+    spec = os.fspath(spec)
     if spec.startswith("builtin:"):
         return spec
     p = Path(spec).expanduser()
@@ -102,24 +225,17 @@ def canonical_spec(spec: str) -> str:
 
 
 def _resolve_plain(spec: str) -> tuple[str, str | None]:
-    """(directory or hub id, gguf file name or None) of a model that is not a run directory."""
-    if spec.startswith("builtin:"):
+    """(directory or hub id, gguf file name or None) of a whole model (not an adapter on a base)."""
+    source = detect_model(spec)
+    if source.form == "builtin":
         from .builtin import builtin_model_path
 
         return str(builtin_model_path(spec)), None
-    p = Path(spec).expanduser()
-    if p.is_file() and p.suffix == ".gguf":
-        return str(p.parent), p.name
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            ggufs = sorted(p.glob("*.gguf"))
-            if len(ggufs) == 1:
-                return str(p), ggufs[0].name
-            raise ModelError(f"{p}: not a model directory (no config.json, no single .gguf file)")
-        return str(p), None
-    if spec.count("/") == 1 and not spec.startswith((".", "/")):
-        return spec, None  # hub id
-    raise ModelError(f"{spec}: no such model directory, file, builtin model or hub id")
+    if source.form == "gguf":
+        return str(Path(source.path).parent), Path(source.path).name
+    if source.form in ("adapter", "run"):
+        raise ModelError(f"{spec}: an adapter, not a whole model (its base: {source.base})")
+    return source.path, None
 
 
 def load_gguf_as_plain(path: str, gguf_file: str, dtype: torch.dtype = torch.float32, **kwargs):
@@ -246,8 +362,9 @@ def _load_plain(
 
 
 def load_model(
-    spec: str,
+    spec: str | os.PathLike,
     *,
+    base: str | os.PathLike | None = None,
     device: torch.device | str | None = None,
     dtype: str = "auto",
     quantization: Quantization = "none",
@@ -255,36 +372,54 @@ def load_model(
     merge_adapters: bool = True,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load `spec`: `builtin:tiny`, `builtin:smollm2-135m`, a model directory, a `.gguf` file, a hub id or a run dir.
+    """Load `spec`, any form `detect_model` knows (the form found is logged): `builtin:tiny`, a hub id, a model
+    directory, a `.gguf` file, a peft adapter folder, a Trainer/TRL checkpoint or output folder, a run directory.
 
-    Run directories: their adapters are merged into the weights (`merge_adapters=True`, the default: the result is
-    a plain model that new adapters stack on) or kept as a frozen `PeftModel` (always, when quantized).
+    `base` loads an adapter onto another base than its `adapter_config.json` names. Adapters (and run directories)
+    are merged into the weights (`merge_adapters=True`, the default: the result is a plain model that new adapters
+    stack on) or kept as a frozen `PeftModel` (always, when quantized).
     """
+    spec = os.fspath(spec)
     device = torch.device(device) if device is not None else auto_device()
     torch_dtype = auto_dtype(device, dtype)
-    if is_run_dir(spec):
-        base = load_model(
-            run_base(spec),
-            device=device,
-            dtype=dtype,
-            quantization=quantization,
-            attn_implementation=attn_implementation,
-            merge_adapters=merge_adapters,
-            trust_remote_code=trust_remote_code,
-        )
-        model = base.model
-        if hasattr(model, "merge_and_unload"):  # a base that kept its own adapter (quantized chain)
-            model = model.merge_and_unload() if quantization == "none" else model
-        adapter = contained_path(spec, "adapter", f"{spec}: run directory's adapter/")
-        peft_model = load_adapter(model, str(adapter), trainable=False)
-        if merge_adapters and quantization == "none":
-            model = peft_model.merge_and_unload()
-        else:
-            model = peft_model
-        from .loading import load_tokenizer as _lt
-
-        tokenizer = _lt(str(spec)) if (Path(spec) / "tokenizer_config.json").is_file() else base.tokenizer
-        return LoadedModel(model=model, tokenizer=tokenizer, spec=canonical_spec(spec))
+    source = detect_model(spec, base)
+    logger.info("model: %s", source.described)
+    if source.form in ("adapter", "run"):
+        with base_model(None):  # the override is this adapter's base only
+            base_loaded = load_model(
+                source.base,
+                device=device,
+                dtype=dtype,
+                quantization=quantization,
+                attn_implementation=attn_implementation,
+                merge_adapters=merge_adapters,
+                trust_remote_code=trust_remote_code,
+            )
+        return _with_adapter(spec, source, base_loaded, quantization, merge_adapters)
     model, tokenizer = _load_plain(spec, device, torch_dtype, quantization, attn_implementation,
                                    _trusted(trust_remote_code))
     return LoadedModel(model=model, tokenizer=tokenizer, spec=canonical_spec(spec))
+
+
+def _with_adapter(spec: str, source: ModelSource, base: LoadedModel, quantization: Quantization,
+                  merge_adapters: bool) -> LoadedModel:
+    """`base` with the adapter of `source` loaded (merged unless kept); the tokenizer saved beside the adapter (or
+    in the run directory) if there is one, else the base's."""
+    model = base.model
+    if hasattr(model, "merge_and_unload"):  # a base that kept its own adapter (quantized chain)
+        model = model.merge_and_unload() if quantization == "none" else model
+    if source.form == "run":
+        adapter = contained_path(spec, "adapter", f"{spec}: run directory's adapter/")
+    else:
+        adapter = Path(source.path)
+    peft_model = load_adapter(model, str(adapter), trainable=False)
+    model = peft_model.merge_and_unload() if merge_adapters and quantization == "none" else peft_model
+    own = Path(spec) if source.form == "run" else adapter
+    has_tokenizer = (own / "tokenizer_config.json").is_file() or (own / "tokenizer.json").is_file()
+    tokenizer = load_tokenizer(str(own)) if has_tokenizer else base.tokenizer
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=canonical_spec(spec))
+
+
+
+#: The public name of `_resolve_plain`: (local path or hub id, GGUF file name or None) of a plain model spec.
+resolve_plain = _resolve_plain

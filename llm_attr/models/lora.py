@@ -6,7 +6,7 @@ import contextlib
 import functools
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ModelError
@@ -27,13 +27,18 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 class LoraArgs:
     """LoRA adapter settings. `target_modules: null` picks the architecture's default (all linear layers otherwise)."""
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] | None = None
-    modules_to_save: list[str] | None = None
+    rank: int = field(default=8, metadata={"help": "LoRA rank r"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha / r)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    target_modules: list[str] | None = field(default=None, metadata={"help": "module names to adapt; null: the architecture's default (all linear layers otherwise)"})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "modules trained in full and saved with the adapter, e.g. [embed_tokens, lm_head]"})
+    layers: int | None = field(default=None, metadata={"help": (
+        "adapt only the last N decoder layers (peft's layers_to_transform); null: every layer. Below them the "
+        "model is frozen, so Daunce computes that part once per example (models.prefix_cache)")})
 
     def __post_init__(self) -> None:
+        if self.layers is not None and self.layers < 1:
+            raise ValueError(f"lora.layers must be >= 1 or null, got {self.layers}")
         if self.rank < 1:
             raise ValueError(f"lora.rank must be >= 1, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
@@ -44,11 +49,18 @@ def default_target_modules(model_type: str) -> list[str] | str:
     return DEFAULT_TARGET_MODULES.get(model_type, "all-linear")
 
 
-def peft_config(args: LoraArgs, model_type: str):
+def peft_config(args: LoraArgs, model_type: str, num_layers: int | None = None):
+    """peft's `LoraConfig` for `args`; `num_layers` (the model's decoder layers) is needed with `args.layers`."""
     from peft import LoraConfig
 
     targets = args.target_modules or default_target_modules(model_type)
+    layers = None
+    if args.layers is not None:
+        if not num_layers:
+            raise ModelError(f"lora.layers: {args.layers} needs a model whose config names its number of layers")
+        layers = list(range(max(0, num_layers - args.layers), num_layers))
     return LoraConfig(
+        layers_to_transform=layers,
         r=args.rank,
         lora_alpha=args.alpha,
         lora_dropout=args.dropout,
@@ -64,7 +76,7 @@ def attach_lora(model, args: LoraArgs, adapter_name: str = "default"):
     """Wrap `model` in a `PeftModel` with a new, trainable LoRA adapter (B = 0: the model's outputs are unchanged)."""
     from peft import get_peft_model
 
-    cfg = peft_config(args, model.config.model_type)
+    cfg = peft_config(args, model.config.model_type, getattr(model.config, "num_hidden_layers", None))
     try:
         return get_peft_model(model, cfg, adapter_name=adapter_name)
     except ValueError as e:

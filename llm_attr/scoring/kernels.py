@@ -12,16 +12,19 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
-from .evaluation.metrics import average_precision, precision_at_k
-from .faults import fault_point
-from .io import atomic_write_json, atomic_write_text, pid_alive
+from ..faults import fault_point
+from ..io import pid_alive
+
+__all__ = ["BLOCK_ELEMENTS", "QUERY_BLOCK", "SUB_BLOCK_ELEMENTS", "ColumnReader", "Measure", "ScoreFile", "as_tensor",
+           "covariance_scores", "load_scores", "prepare_train_signals", "score_inner_products", "self_influence",
+           "topk_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -302,73 +305,3 @@ def topk_rows(scores: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np
         v, j = torch.topk(row, k) if k else (row[:0], row[:0].long())
         values[i], indices[i] = v.numpy(), j.numpy()
     return values, indices
-
-
-def retrieval_metrics(scores: np.ndarray | torch.Tensor, relevant: Sequence[bool] | np.ndarray,
-                      k: int = 10) -> dict[str, float]:
-    """Mean over query rows of AUPRC and precision@k of `relevant` train columns (e.g. poisoned examples)."""
-    y = np.asarray(relevant, dtype=bool)
-    aps, precs = [], []
-    k = min(k, len(y))
-    for i in range(scores.shape[0]):
-        row = np.asarray(scores[i], dtype=np.float64)
-        aps.append(average_precision(row, y))
-        precs.append(precision_at_k(row, y, k) if k else float("nan"))
-    return {"auprc": float(np.mean(aps)), f"precision@{k}": float(np.mean(precs)), "chance": float(y.mean())}
-
-
-# ---------------------------------------------------------------------- run outputs
-
-
-def shorten(text: str, width: int = 80) -> str:
-    """One line of at most `width` characters (whitespace collapsed, '…' when cut)."""
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def record_text(record) -> str:
-    """`prompt → response` of a record (`Record` or dict), for tables."""
-    if isinstance(record, dict):
-        from .data.records import record_from_dict
-
-        record = record_from_dict(record, "record")
-    return f"{record.prompt_text()} → {record.response_text()}"
-
-
-def write_ids(path: str | Path, query_ids: Sequence[str], train_ids: Sequence[str]) -> None:
-    """`ids.json`: `{"query": [...], "train": [...]}`, the row and column order of the scores."""
-    atomic_write_json(path, {"query": list(query_ids), "train": list(train_ids)})
-
-
-def write_topk_table(
-    path: str | Path,
-    query_ids: Sequence[str],
-    train_ids: Sequence[str],
-    values: np.ndarray,
-    indices: np.ndarray,
-    train_text: Callable[[int], str] | None = None,
-    title: str = "",
-) -> Path:
-    """Markdown table: query id, rank, train id, score, the training text shortened (one row per hit)."""
-    lines = [f"# {title}" if title else "# Top training examples per query", "",
-             "| query | rank | train id | score | training text |", "|---|---:|---|---:|---|"]
-    for qi, qid in enumerate(query_ids):
-        for rank, (v, j) in enumerate(zip(values[qi], indices[qi], strict=True), start=1):
-            text = shorten(train_text(int(j))) if train_text else ""
-            text = text.replace("|", "\\|")
-            lines.append(f"| {qid} | {rank} | {train_ids[j]} | {v:.4g} | {text} |")
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return Path(path)
-
-
-def format_topk(query_ids: Sequence[str], train_ids: Sequence[str], values: np.ndarray, indices: np.ndarray,
-                train_text: Callable[[int], str] | None = None, max_queries: int = 3, width: int = 60) -> str:
-    """A plain-text top-k table for the terminal (the first `max_queries` queries)."""
-    rows = [f"{'query':<14} {'rank':>4}  {'train id':<14} {'score':>10}  training text"]
-    for qi, qid in enumerate(list(query_ids)[:max_queries]):
-        for rank, (v, j) in enumerate(zip(values[qi], indices[qi], strict=True), start=1):
-            text = shorten(train_text(int(j)), width) if train_text else ""
-            rows.append(f"{qid:<14} {rank:>4}  {train_ids[j]:<14} {v:>10.4g}  {text}")
-    if len(query_ids) > max_queries:
-        rows.append(f"... ({len(query_ids) - max_queries} more queries in the top-k table)")
-    return "\n".join(rows)

@@ -1,0 +1,242 @@
+"""The Daunce store: its shards' names, scoring them (covariance or correlation over k, self-influence), and new
+queries against the kept adapters (`llm-attr query`).
+
+A Daunce store holds one shard per perturbation k (`perturbation-KKKKK`: `train_loss`, `train_margin` `[N]`,
+`query_loss`, `query_margin` `[Q]`, `subset`, `xi`) and, with `keep_adapters`, the adapter θ_k under
+`adapters/KKKKK`. Black-box Daunce writes the same store kind.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import pipeline
+from ..data.records import as_records, save_jsonl
+from ..data.tokenize import pad_id_of, tokenize_records
+from ..errors import ConfigError, RunDirError
+from ..fingerprints import model_fingerprint
+from ..io import contained_path, fingerprint, locked
+from ..losses import Signal, evaluate_signal
+from ..runner import load_target
+from ..scoring import (
+    Measure,
+    ScoreFile,
+    as_tensor,
+    covariance_scores,
+    load_scores,
+    prepare_train_signals,
+    scores_line,
+    self_influence,
+    write_scoring,
+    write_self_influence,
+)
+from ..store import Store, input_copy
+
+logger = logging.getLogger(__name__)
+
+METHOD = "daunce"
+SIGNALS: tuple[Signal, ...] = ("loss", "margin")
+
+
+def shard_name(k: int) -> str:
+    return f"perturbation-{k:05d}"
+
+
+def adapter_dir(run: Path, k: int) -> Path:
+    return Path(run) / "adapters" / f"{k:05d}"
+
+
+# ---------------------------------------------------------------------- scoring a run, querying an index
+
+
+def _signal_rows(store: Store, k_count: int, key: str) -> torch.Tensor:
+    """`[K, n]` float32: tensor `key` of the first `k_count` perturbation shards."""
+    return torch.stack([store.read_shard(shard_name(k))[key] for k in range(k_count)])
+
+
+def _check_k(store: Store, perturbations: int | None) -> int:
+    manifest = store.manifest
+    k_count = perturbations or manifest["perturbations"]
+    if k_count < 2:
+        raise ConfigError(f"scoring needs at least 2 perturbations, got {k_count}")
+    missing = store.missing([shard_name(k) for k in range(k_count)])
+    if missing:
+        raise RunDirError(f"{store.root}: {len(missing)} of the first {k_count} perturbation shards are missing or "
+                          f"corrupted ({missing[:3]}...); re-run `llm-attr daunce` with the same arguments to compute them")
+    return k_count
+
+
+def prepared_train_signals(store: Store, k_count: int, signal: str, measure: Measure) -> np.ndarray:
+    """`[K, N]` float32 memory-mapped: the first `k_count` shards' train signals centred and scaled for `measure`
+    (`scoring.prepare_train_signals`), computed once and kept in RUN/prepared/ (as large as the signals it
+    prepares), keyed by the shards' checksums so that a recomputed shard is never scored with stale data."""
+    names = [shard_name(k) for k in range(k_count)]
+    n_train = len(store.manifest["ids"]["train"])
+    key = fingerprint([store.shard_info(n)["sha256"] for n in names])
+    path = store.root / "prepared" / f"train_{signal}_{measure}_K{k_count}.safetensors"
+    if path.is_file():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="np") as f:
+                if (f.metadata() or {}).get("key") == key:
+                    return load_scores(path, name="signals")
+        except Exception as e:  # a torn or foreign file: prepare it again
+            logger.warning("%s: unreadable (%s); preparing it again", path, e)
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        return torch.stack([store.read_slice(n, f"train_{signal}", start, stop) for n in names])
+
+    sf = ScoreFile(path, (k_count, n_train), name="signals", metadata={"key": key, "measure": measure})
+    try:
+        prepare_train_signals(read, sf.array, measure=measure, n_train=n_train)
+    except BaseException:
+        sf.abort()
+        raise
+    sf.commit()
+    return load_scores(path, name="signals")
+
+
+def scoring_tag(measure: str, signal: str, k_count: int) -> str:
+    """The name of one Daunce scoring's files under `RUN/scorings/`: e.g. `corr-margin-K32`."""
+    return f"{measure}-{signal}-K{k_count}"
+
+
+def write_scores(out: Path, query_signals: torch.Tensor, run: Path, store: Store, k_count: int, signal: str,
+                 measure: Measure, query_ids: list[str], top_k: int, meta: dict[str, Any]) -> dict[str, Any]:
+    """Score `query_signals [K, Q]` against the store's train signals into `out` (`scoring.write_scoring`)."""
+    prepared = prepared_train_signals(store, k_count, signal, measure)
+
+    def fill(array: np.ndarray) -> None:
+        covariance_scores(query_signals, as_tensor(prepared), measure=measure, out=array, prepared=True)
+
+    return write_scoring(out, tag=scoring_tag(measure, signal, k_count), query_ids=query_ids,
+                         train_ids=store.manifest["ids"]["train"], fill=fill, texts_from=run,
+                         title=f"Daunce top-{top_k} ({measure} of {signal}, K={k_count})", top_k=top_k,
+                         info={"measure": measure, "signal": signal, "perturbations": k_count, **meta},
+                         metadata={"measure": measure, "signal": signal, "perturbations": k_count})
+
+
+@locked("daunce scoring", dir_arg="run")
+def score_run(run: str | Path, *, measure: Measure = "corr", signal: Signal = "margin",
+              perturbations: int | None = None, top_k: int = 10) -> dict[str, Any]:
+    """Score a Daunce run's queries from its store: RUN/scores.safetensors, ids.json, topk.md, scores.json.
+
+    `perturbations`: use the first K shards only (default: the run's K). Returns the figures and a text table.
+    """
+    run = Path(run)
+    store = Store.open(run, METHOD)
+    k_count = _check_k(store, perturbations)
+    query = _signal_rows(store, k_count, f"query_{signal}")
+    return write_scores(run, query, run, store, k_count, signal, measure, store.manifest["ids"]["query"], top_k,
+                        {"run": str(run)})
+
+
+@locked("daunce self-influence", dir_arg="run")
+def score_self_influence(run: str | Path, *, signal: Signal = "margin", perturbations: int | None = None,
+                         top_k: int = 10) -> dict[str, Any]:
+    """Self-influence: variance over k of each training example's signal -> RUN/self_influence.{safetensors,md}
+    (kept per signal and K under RUN/scorings/self-SIGNAL-KK/)."""
+    run = Path(run)
+    store = Store.open(run, METHOD)
+    k_count = _check_k(store, perturbations)
+    train_ids = store.manifest["ids"]["train"]
+    names = [shard_name(k) for k in range(k_count)]
+
+    def read(start: int, stop: int) -> torch.Tensor:
+        return torch.stack([store.read_slice(n, f"train_{signal}", start, stop) for n in names])
+
+    variance = self_influence(read, n_train=len(train_ids))
+    table = write_self_influence(run, tag=f"self-{signal}-K{k_count}", variance=variance, train_ids=train_ids,
+                                 title=f"Self-influence: variance of the {signal} over K={k_count} perturbations",
+                                 top_k=top_k)
+    return {"signal": signal, "perturbations": k_count, "table": table, "self_influence": variance}
+
+
+@locked("daunce query")
+def query_run(run: str | Path, query: str | Path | list, out: str | Path, *, measure: Measure | None = None,
+              signal: Signal | None = None, perturbations: int | None = None, top_k: int = 10,
+              batch_size: int | None = None) -> dict[str, Any]:
+    """Score new queries against a Daunce index: K forward passes with the kept adapters, the stored train signals.
+
+    Writes OUT/scores.safetensors, ids.json, topk.md, scores.json and query_signals.safetensors (`loss`, `margin`
+    `[K, Q]`, to rescore without the model). Returns the figures and a text table.
+    """
+    from peft import PeftModel
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    from ..io import atomic_write
+    from ..models.loading import adapter_of, auto_device, load_model
+
+    run, out = Path(run), Path(out)
+    pipeline.check_out(out, "query", {"run": run, "query": query}, resumable=pipeline.QUERY_OUTPUTS)
+    store = Store.open(run, METHOD)
+    manifest = store.manifest
+    cfg = manifest["config"]
+    measure = measure or cfg["measure"]
+    signal = signal or cfg["signal"]
+    k_count = _check_k(store, perturbations)
+    for k in range(k_count):  # the adapter index: each RUN/adapters/k must lie inside the run (no symlink out)
+        contained_path(run, str(adapter_dir(run, k).relative_to(run) / "adapter_model.safetensors"),
+                       f"{run}: adapter index, perturbation {k}")
+    missing = [k for k in range(k_count) if not (adapter_dir(run, k) / "adapter_model.safetensors").is_file()]
+    if missing:
+        raise RunDirError(f"{run}: adapters of perturbations {missing[:5]} are missing (run made with "
+                          "keep_adapters: false?); `llm-attr query` needs them")
+    spec = manifest["model"]["spec"]
+    if model_fingerprint(spec) != manifest["model"]["fingerprint"]:
+        raise RunDirError(f"{run}: the model {spec} has changed since this index was built (fingerprint differs)")
+    device = auto_device()
+    if manifest["model"]["adapter"] == "new":
+        loaded = load_model(spec, device=device, dtype=cfg.get("dtype", "auto"))
+        base, tokenizer = loaded.model, loaded.tokenizer
+    else:
+        if adapter_of(spec) is None:
+            raise RunDirError(f"{run}: adapter: continue index whose model {spec} has no LoRA adapter")
+        base, tokenizer = load_target(spec, "continue", device, cfg.get("dtype", "auto"))
+        base = base.unload()  # the kept adapters replace the target's own
+    records = as_records(query)
+    examples, _ = tokenize_records(records, tokenizer, cfg["max_length"], source=str(query) if isinstance(
+        query, (str, Path)) else "query")
+    pad_id = pad_id_of(tokenizer)
+    model = PeftModel.from_pretrained(base, str(adapter_dir(run, 0)), is_trainable=False)
+    rows = {s: [] for s in SIGNALS}
+    for k in range(k_count):
+        if k:
+            set_peft_model_state_dict(model, load_file(str(adapter_dir(run, k) / "adapter_model.safetensors")))
+        values = evaluate_signal(model, examples, pad_id, batch_size=batch_size or cfg["eval_batch_size"],
+                                 signal=SIGNALS)
+        for s in SIGNALS:
+            rows[s].append(values[s])
+    signals = {s: torch.stack(rows[s]) for s in SIGNALS}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "query_signals.safetensors", lambda tmp: save_file(signals, tmp))
+    save_jsonl(records, input_copy(out, "query"))
+    return write_scores(out, signals[signal], run, store, k_count, signal, measure, [r.id for r in records],
+                        top_k, {"run": str(run), "query": str(query) if isinstance(query, (str, Path)) else "records"})
+
+
+def score_cli(run: str | Path, *, top_k: int = 10, measure: Measure | None = None, signal: Signal | None = None,
+              perturbations: int | None = None, self_influence: bool = False) -> dict[str, Any]:
+    """`llm-attr score RUN [--measure] [--signal] [--perturbations] [--self]` of a Daunce store (the run's config
+    fills what is not given)."""
+    cfg = Store.open(run, METHOD).manifest["config"]
+    signal = signal or cfg["signal"]
+    if self_influence:
+        info = score_self_influence(run, signal=signal, perturbations=perturbations, top_k=top_k)
+        return {**info, "files": f"self-influence: {Path(run) / 'self_influence.safetensors'}"}
+    info = score_run(run, measure=measure or cfg["measure"], signal=signal, perturbations=perturbations, top_k=top_k)
+    return {**info, "files": scores_line(run)}
+
+
+def query_cli(run: str | Path, query: str | Path, out: str | Path, *, top_k: int = 10, measure: Measure | None = None,
+              signal: Signal | None = None, perturbations: int | None = None) -> dict[str, Any]:
+    """`llm-attr query RUN --query Q --out OUT` of a Daunce store (`query_run`)."""
+    info = query_run(run, query, out, measure=measure, signal=signal, perturbations=perturbations, top_k=top_k)
+    return {**info, "files": scores_line(out)}

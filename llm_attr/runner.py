@@ -1,0 +1,143 @@
+"""θ₀ plus a resettable adapter, trained by `training.train`: the fine-tune runner every retraining method shares.
+
+Daunce's perturbations, further training, LDS retraining, the removal study and the local black-box backend all
+start from one model θ₀ (the target merged, or its own adapter) and train an adapter on top of it many times; a
+`PerturbationModel` resets that adapter to its start between runs instead of copying the model. LoRA layers and
+their parameters are found through peft's own API (`LoraLayer`, `adapter_layer_names`, `ModulesToSaveWrapper`),
+and a fresh adapter is initialised by peft's `reset_lora_parameters`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .errors import ConfigError
+from .models.lora import LoraArgs
+
+
+def lora_layers(model: torch.nn.Module) -> list:
+    """The peft `LoraLayer` modules of `model`, in module order."""
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def adapter_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Every parameter of the model's peft adapter(s): each LoRA layer's `adapter_layer_names` parts (lora_A,
+    lora_B, embedding and magnitude parts) and the fully trained copies of `modules_to_save`."""
+    from peft.utils import ModulesToSaveWrapper
+
+    params: dict[int, torch.nn.Parameter] = {}
+    for module in lora_layers(model):
+        for attr in module.adapter_layer_names:
+            part = getattr(module, attr, None)
+            if part is not None:
+                params.update({id(p): p for p in part.parameters()})
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            params.update({id(p): p for p in module.modules_to_save.parameters()})
+    return list(params.values())
+
+
+@contextlib.contextmanager
+def swapped_weights(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily give `params` the `values` (no copy of the model: LoRA-sized tensors swapped in place)."""
+    saved = {n: p.data for n, p in params.items()}
+    try:
+        for n, p in params.items():
+            p.data = values[n]
+        yield
+    finally:
+        for n, p in params.items():
+            p.data = saved[n]
+
+
+class PerturbationModel:
+    """θ₀ plus a trainable adapter, reset to its start before each perturbation (no model copy per k).
+
+    `adapter: new`: the target merged into plain weights plus a fresh LoRA (A re-drawn from the perturbation's seed,
+    B = 0); θ₀ is the adapter disabled. `adapter: continue`: the target's own adapter, trainable, reset to its
+    trained weights; θ₀ is those weights swapped in.
+    """
+
+    def __init__(self, model, mode: Literal["new", "continue"], lora: LoraArgs):
+        from .models.lora import attach_lora
+
+        self.mode = mode
+        if mode == "new":
+            if hasattr(model, "merge_and_unload"):
+                model = model.merge_and_unload()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            self.model = attach_lora(model, lora)
+        else:
+            if not hasattr(model, "peft_config"):
+                raise ConfigError("adapter: continue needs a model with its LoRA adapter (a fine-tuned run directory)")
+            self.model = model
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for p in adapter_parameters(model):
+                p.requires_grad_(True)
+        self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if not self.trainable:
+            raise ConfigError("the perturbation model has no trainable parameters")
+        self.start = {n: p.detach().clone() for n, p in self.trainable.items()}
+
+    def reset(self, init_seed: int) -> None:
+        """Back to θ₀; with a new adapter, LoRA A re-drawn (kaiming-uniform, as peft) from `init_seed`."""
+        with torch.no_grad():
+            for n, p in self.trainable.items():
+                p.copy_(self.start[n])
+            if self.mode == "new":  # peft's own initialisation, drawn from init_seed
+                torch.manual_seed(init_seed)
+                for module in lora_layers(self.model):
+                    for adapter_name in module.lora_A:
+                        module.reset_lora_parameters(adapter_name, init_lora_weights=True)
+        torch.manual_seed(init_seed)  # dropout
+
+    def reference(self) -> contextlib.AbstractContextManager:
+        """Context in which the model computes θ₀'s outputs."""
+        if self.mode == "new":
+            return self.model.disable_adapter()
+        return swapped_weights(self.trainable, self.start)
+
+    def save(self, path: Path) -> None:
+        """Save the adapter (peft format) to `path` atomically (temp folder + rename)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            self.model.save_pretrained(tmp)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_target(spec: str, mode: Literal["new", "continue"], device, dtype: str = "auto"):
+    """(model, tokenizer) of a target for a perturbation mode: merged for `new`, base + trainable adapter for `continue`."""
+    from .models.loading import adapter_of, base_model, is_run_dir, load_model, load_tokenizer
+    from .models.lora import load_adapter
+
+    if mode == "new":
+        loaded = load_model(spec, device=device, dtype=dtype)
+        return loaded.model, loaded.tokenizer
+    adapter = adapter_of(spec)
+    if adapter is None:
+        raise ConfigError(f"adapter: continue needs a model with a LoRA adapter (a peft adapter folder, a checkpoint "
+                          f"holding one, or a fine-tuned run directory), got {spec}")
+    with base_model(None):
+        base = load_model(adapter[0], device=device, dtype=dtype)
+    model = load_adapter(base.model, str(adapter[1]), trainable=True)
+    own = Path(spec) if is_run_dir(spec) else adapter[1]
+    has_own = (own / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(own)) if has_own else base.tokenizer
+    return model, tokenizer

