@@ -103,7 +103,7 @@ def scoring_throughput(shapes: list, reps: int, work: Path) -> list[dict]:
     `[Q, d] @ [d, N]`. Ours includes the file (created, filled, flushed and fsynced by `ScoreFile.commit`); the
     kernel alone (the same call into an in-memory tensor) is reported beside it.
     """
-    from llm_attr.methods.gradient_attribution import SCORE_CHUNK_ELEMENTS
+    from llm_attr.methods.gradient_store import SCORE_CHUNK_ELEMENTS
     from llm_attr.scoring import ScoreFile, covariance_scores, prepare_train_signals, score_inner_products
 
     gen = torch.Generator().manual_seed(0)

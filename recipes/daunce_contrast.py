@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "recipes"))
 from real_backdoor import metrics  # noqa: E402
 
-from llm_attr.data.records import load_records, save_jsonl  # noqa: E402
 from llm_attr.data.realistic_backdoor import TRIGGER  # noqa: E402
+from llm_attr.data.records import load_records, save_jsonl  # noqa: E402
 from llm_attr.scoring import covariance_scores  # noqa: E402
 
 

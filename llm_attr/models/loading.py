@@ -386,15 +386,9 @@ def load_model(
     logger.info("model: %s", source.described)
     if source.form in ("adapter", "run"):
         with base_model(None):  # the override is this adapter's base only
-            base_loaded = load_model(
-                source.base,
-                device=device,
-                dtype=dtype,
-                quantization=quantization,
-                attn_implementation=attn_implementation,
-                merge_adapters=merge_adapters,
-                trust_remote_code=trust_remote_code,
-            )
+            base_loaded = load_model(source.base, device=device, dtype=dtype, quantization=quantization,
+                                     attn_implementation=attn_implementation, merge_adapters=merge_adapters,
+                                     trust_remote_code=trust_remote_code)
         return _with_adapter(spec, source, base_loaded, quantization, merge_adapters)
     model, tokenizer = _load_plain(spec, device, torch_dtype, quantization, attn_implementation,
                                    _trusted(trust_remote_code))
