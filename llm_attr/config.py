@@ -87,6 +87,11 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     unknown = sorted(set(data) - set(types_))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(types_)}")
+    for f in dataclasses.fields(cls):  # a partial nested section overrides its field's own default, not the class's
+        if isinstance(data.get(f.name), dict) and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                data = {**data, f.name: _merge(to_dict(default), data[f.name])}
     kwargs = {k: _coerce(v, types_[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     try:
         return cls(**kwargs)

@@ -135,3 +135,13 @@ def test_readme_layout_names_every_module_and_design_doc_exists():
     for section in ("## 2. Layers", "## 3. Data flow", "## 4. The run-directory contract", "## 6. Adding a method"):
         assert section in design
     assert "DESIGN.md" not in design
+
+
+def test_a_partial_nested_override_keeps_the_fields_own_defaults():
+    """`--set lora.layers=2` on Daunce changes the layers only: rank and alpha stay Daunce's (64, 128), not LoraArgs'."""
+    from llm_attr.config import load_config
+    from llm_attr.methods.daunce import DaunceConfig
+
+    cfg = load_config(DaunceConfig, None, ["lora.layers=2"])
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.layers) == (64, 128.0, 2)
+    assert load_config(DaunceConfig, None, {"lora": {"rank": 4}}).lora.alpha == 128.0
