@@ -106,7 +106,6 @@ class Theta0:
     def __init__(self, model, examples: list[Example], pad_id: int,
                  reference: Callable[[], contextlib.AbstractContextManager], cache_mb: float, batch_size: int):
         self.model, self.examples, self.pad_id, self.reference = model, examples, pad_id, reference
-        self._cache_mb = cache_mb
         n_rows = [sum(1 for y in e.labels[1:] if y != IGNORE_INDEX) for e in examples]
         head = model.get_output_embeddings()
         vocab, hidden = head.weight.shape
@@ -114,6 +113,9 @@ class Theta0:
         # θ₀'s lm_head inputs ([M, D]) instead of its softmax rows ([M, V]) when the lm_head is frozen: the rows
         # are recomputed exactly from them, at V/D times less memory (85x for SmolLM2)
         self.head = None if any(p.requires_grad for p in head.parameters()) else head
+        if self.head is not None and not self._head_gives_softmax():
+            logger.info("θ₀'s softmax is not the lm_head of its input here (e.g. logits are scaled): keeping softmax rows")
+            self.head = None
         width = hidden if self.head is not None else vocab
         size_mb = 4 * int(self.offsets[-1]) * width / 2**20
         self.cached = size_mb <= cache_mb
@@ -156,32 +158,39 @@ class Theta0:
                 self.loss0[index], self.const0[index] = response_nll_and_dot(logits0, lambda sl, p=probs: p[sl], rows)
                 dest = self.rows_of(torch.tensor(idx)).to(device)
                 if self.head is not None:
-                    h = captured[-1][rows[0], rows[1]].float()
-                    if s == 0 and not torch.allclose(self._softmax(h), probs, atol=1e-5):
-                        logger.info("θ₀'s softmax is not the lm_head of its input here: caching the softmax")
-                        self.head = None
-                        hook.remove()
-                        self.model.train(was_training)
-                        return self._build_cache(batch_size) if self._fits_probs() else self._uncached()
-                    self.rows[dest] = h
+                    self.rows[dest] = captured[-1][rows[0], rows[1]].float()
                 else:
                     self.rows[dest] = probs
         finally:
             hook.remove()
         self.model.train(was_training)
 
+    @torch.no_grad()
+    def _head_gives_softmax(self) -> bool:
+        """Whether softmax(lm_head(its input)) is θ₀'s softmax (no logit scaling or soft-capping after the head),
+        checked on a few examples."""
+        from ..data.tokenize import collate
+
+        captured: list[torch.Tensor] = []
+        hook = self.head.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0]))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            batch = collate(list(self.examples[:4]), self.pad_id)
+            with self.reference():
+                logits0 = forward_logits(self.model, batch)
+        finally:
+            hook.remove()
+            self.model.train(was_training)
+        rows = response_rows(batch["labels"].to(logits0.device))
+        probs = torch.softmax(logits0[rows[0], rows[1]].float(), dim=-1)
+        return torch.allclose(self._softmax(captured[-1][rows[0], rows[1]].float()), probs, atol=1e-5)
+
     def _softmax(self, h: torch.Tensor) -> torch.Tensor:
         """θ₀'s softmax rows `[c, V]` float32 from its lm_head inputs `[c, D]`."""
         head = self.head
         return torch.softmax(torch.nn.functional.linear(h, head.weight.float(),
                                                         None if head.bias is None else head.bias.float()), dim=-1)
-
-    def _fits_probs(self) -> bool:
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        return 4 * int(self.offsets[-1]) * vocab / 2**20 <= self._cache_mb
-
-    def _uncached(self) -> None:
-        self.cached = False
 
     def rows_of(self, index: torch.Tensor) -> torch.Tensor:
         """Cache rows `[M]` of the examples at `index` `[B]` (their response tokens in order, example by example)."""
