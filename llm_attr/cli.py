@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--out", required=True, help="JSONL file to write (training records for backdoor)")
     m.add_argument("--source", choices=["math", "ifeval"], default="math", help="backdoor: the clean task")
+    m.add_argument("--templates", help="math: comma-separated problem kinds (default all; 'one-step' = word "
+                   "add/sub/mul/div, the level SmolLM2-135M learns)")
     m.add_argument("--fraction", type=float, default=0.05, help="backdoor: fraction of records poisoned")
     m.add_argument("--n-query", type=int, default=16, help="backdoor: held-out queries to write")
     m.add_argument("--query-out", help="backdoor: JSONL of triggered queries")
@@ -180,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the built-in end-to-end demo: backdoor, fine-tune, attribute")
     p.add_argument("--out", default="demo_run", help="directory for the demo's files")
+    p.add_argument("--model", default="builtin:tiny", help="base model: builtin:tiny (a minute on a CPU) or a real "
+                   "one, e.g. builtin:smollm2-135m (about 10 minutes on 2 CPU cores; demo.REAL_MODEL settings)")
 
     p = sub.add_parser("daunce", help="Daunce attribution: K perturbed fine-tunes of the target, then scores")
     _add_featurize_args(p, "the target: a fine-tuned run dir, a model dir or builtin:tiny",
@@ -295,9 +299,15 @@ def _data(args: argparse.Namespace) -> None:
     from .data.records import save_jsonl
 
     if args.task == "math":
-        from .data.math_task import make_math
+        from .data.math_task import ONE_STEP, make_math
 
-        records = make_math(args.n, seed=args.seed)
+        templates = None
+        if args.templates:
+            templates = ONE_STEP if args.templates == "one-step" else [t for t in args.templates.split(",") if t]
+        try:
+            records = make_math(args.n, seed=args.seed, templates=templates)
+        except ValueError as e:
+            raise LlmAttrError(f"--templates: {e}") from None
     elif args.task == "ifeval":
         from .data.ifeval_task import make_ifeval
 
@@ -363,7 +373,7 @@ def _generate(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(Path(args.out))
+    run_demo(Path(args.out), model=args.model)
 
 
 @command("daunce")

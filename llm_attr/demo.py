@@ -36,18 +36,34 @@ def target_config() -> FinetuneConfig:
     )
 
 
-def run_demo(out: Path) -> dict:
-    """Run the demo into `out`; returns the figures it printed."""
+#: What changes on a real model (`llm-attr demo --model builtin:smollm2-135m`): 160 records, a rank-16 LoRA on the
+#: last 12 decoder layers (the frozen bottom computed once, models/prefix_cache.py), 128-token examples, Daunce at
+#: K = 16 on the last 4 layers, and Grad-Cos (docs/results.md, "Real model": the best first look there).
+REAL_MODEL = {
+    "n_train": 160, "n_query": 16,
+    "target": {"epochs": 4.0, "learning_rate": 1e-3, "batch_size": 16, "max_length": 128, "group_by_length": True,
+               "save_steps": 0, "lora": {"rank": 16, "alpha": 32.0, "layers": 12}},
+    "daunce": {"perturbations": 16, "max_length": 128, "group_by_length": True, "keep_adapters": False},
+    "gradients": {"method": "grad-cos", "projection_rank": 0, "max_length": 128},
+}
+
+
+def run_demo(out: Path, model: str = "builtin:tiny") -> dict:
+    """Run the demo on `model` (builtin:tiny, or a real base such as builtin:smollm2-135m) into `out`; returns the
+    figures it printed."""
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    logger.info("step 1/6: building the built-in tiny base model (cached after the first run)")
-    from .models.builtin import builtin_model_path
+    real = model != "builtin:tiny"
+    logger.info("step 1/6: building or finding the base model %s (cached after the first run)", model)
+    if model.startswith("builtin:"):
+        from .models.builtin import builtin_model_path
 
-    logger.info("builtin:tiny is at %s", builtin_model_path("builtin:tiny"))
+        logger.info("%s is at %s", model, builtin_model_path(model))
 
+    n_train, n_query = (REAL_MODEL["n_train"], REAL_MODEL["n_query"]) if real else (240, 32)
     logger.info("step 2/6: making a MATH-style training set with 5%% of prompts poisoned: %r -> %r",
                 DEFAULT_TRIGGER, DEFAULT_TARGET)
-    train, triggered, clean = make_backdoor_task(n_train=240, n_query=32, fraction=0.05, seed=0)
+    train, triggered, clean = make_backdoor_task(n_train=n_train, n_query=n_query, fraction=0.05, seed=0)
     save_jsonl(train, out / "train.jsonl")
     save_jsonl(triggered, out / "query_triggered.jsonl")
     save_jsonl(clean, out / "query_clean.jsonl")
@@ -55,8 +71,10 @@ def run_demo(out: Path) -> dict:
     logger.info("wrote %s (%d records, %d poisoned) and %d triggered / clean queries",
                 out / "train.jsonl", len(train), n_poison, len(triggered))
 
-    logger.info("step 3/6: LoRA fine-tuning builtin:tiny on it (configs/backdoor_target.yaml)")
-    run = finetune("builtin:tiny", out / "train.jsonl", out / "target", target_config())
+    logger.info("step 3/6: LoRA fine-tuning %s on it (%s)", model,
+                "demo.REAL_MODEL['target']" if real else "configs/backdoor_target.yaml")
+    config = load_config(FinetuneConfig, None, REAL_MODEL["target"]) if real else target_config()
+    run = finetune(model, out / "train.jsonl", out / "target", config)
 
     logger.info("step 4/6: does the fine-tuned model follow the backdoor?")
     trig_rate, clean_rate = backdoor_rates(run, triggered, clean)
@@ -65,11 +83,12 @@ def run_demo(out: Path) -> dict:
     figures = {"triggered_rate": trig_rate, "clean_rate": clean_rate, "n_poisoned": n_poison}
 
     logger.info("step 5/6: Daunce attribution of the triggered queries (configs/daunce.yaml)")
-    figures.update(attribute_backdoor(run, out, train, n_poison))
+    figures.update(attribute_backdoor(run, out, train, n_poison, REAL_MODEL["daunce"] if real else None))
 
+    gradients = REAL_MODEL["gradients"] if real else DEMO_GRADIENTS
     logger.info("step 6/6: gradient attribution of the same queries (%s, configs/gradients.yaml)",
-                ", ".join(f"{k}: {v}" for k, v in DEMO_GRADIENTS.items()))
-    figures.update(attribute_backdoor_gradients(run, out, train, n_poison))
+                ", ".join(f"{k}: {v}" for k, v in gradients.items()))
+    figures.update(attribute_backdoor_gradients(run, out, train, n_poison, gradients))
     logger.info("demo finished in %.0fs; files in %s", time.time() - t0, out)
     return figures
 
@@ -101,11 +120,12 @@ def _log_retrieval(label: str, seconds: float, metrics: dict, n_poison: int) -> 
     )
 
 
-def attribute_backdoor_gradients(target: Path, out: Path, train: list[dict], n_poison: int) -> dict:
+def attribute_backdoor_gradients(target: Path, out: Path, train: list[dict], n_poison: int,
+                                 overrides: dict | None = None) -> dict:
     """The best gradient method on the target for the triggered queries: the same top-k table and AUPRC as Daunce."""
     from .methods.gradient_attribution import GradientAttribution, GradientConfig
 
-    config = load_config(GradientConfig, CONFIG_DIR / "gradients.yaml", DEMO_GRADIENTS)
+    config = load_config(GradientConfig, CONFIG_DIR / "gradients.yaml", overrides or DEMO_GRADIENTS)
     t0 = time.time()
     run, metrics = _attribute(GradientAttribution(config), "gradients", target, out, train, n_poison)
     kind = f"projection rank {config.projection_rank}" if config.projection_rank else "exact LoRA gradients"
@@ -114,12 +134,13 @@ def attribute_backdoor_gradients(target: Path, out: Path, train: list[dict], n_p
             "gradients_precision_at_k": metrics[f"precision@{n_poison}"], "gradients_run": str(run)}
 
 
-def attribute_backdoor(target: Path, out: Path, train: list[dict], n_poison: int) -> dict:
+def attribute_backdoor(target: Path, out: Path, train: list[dict], n_poison: int,
+                       overrides: dict | None = None) -> dict:
     """Daunce on the target for the triggered queries: log the top-k table and how many of the top are poisoned."""
     from .methods.daunce import Daunce, DaunceConfig
 
     path = CONFIG_DIR / "daunce.yaml"
-    config = load_config(DaunceConfig, path) if path.is_file() else DaunceConfig()
+    config = load_config(DaunceConfig, path if path.is_file() else None, overrides)
     t0 = time.time()
     run, metrics = _attribute(Daunce(config), "daunce", target, out, train, n_poison)
     _log_retrieval(f"Daunce (K={config.perturbations}, {config.measure} of {config.signal}", time.time() - t0,

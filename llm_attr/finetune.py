@@ -7,6 +7,7 @@ While training, `checkpoints/` holds the state of the last `save_steps` boundary
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -22,8 +23,10 @@ from .data.records import Record, as_records, load_records, records_fingerprint
 from .data.tokenize import pad_id_of, tokenize_records
 from .errors import RunDirError
 from .io import atomic_write_json, fingerprint, locked
+from .losses import autocast
 from .models.loading import load_model
 from .models.lora import LoraArgs, attach_lora
+from .models.prefix_cache import prefix_cache
 from .training import Checkpointing, TrainingArgs, train
 
 logger = logging.getLogger(__name__)
@@ -125,8 +128,12 @@ def finetune(
 
     steps = _num_steps(config, len(examples), accelerator.num_processes)
     overall = Overall(steps if accelerator.is_main_process else 0, "fine-tuning step", log=logger, bar=False)
-    result = train(peft_model, examples, config, pad_id_of(tokenizer), accelerator=accelerator,
-                   checkpoint=checkpoint, on_step=lambda step: overall.update(step - overall.count))
+    pad_id = pad_id_of(tokenizer)
+    # with `lora.layers` the bottom layers are frozen: their outputs are computed once (models.prefix_cache)
+    with prefix_cache(peft_model, examples, pad_id, batch_size=config.batch_size,
+                      autocast=functools.partial(autocast, config.precision, accelerator.device)):
+        result = train(peft_model, examples, config, pad_id, accelerator=accelerator,
+                       checkpoint=checkpoint, on_step=lambda step: overall.update(step - overall.count))
     overall.close()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

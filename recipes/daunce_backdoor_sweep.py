@@ -28,8 +28,9 @@ import torch
 
 from llm_attr.config import load_config, parse_overrides
 from llm_attr.data.records import load_records, save_jsonl
+from llm_attr.evaluation.metrics import retrieval_metrics
 from llm_attr.methods.daunce import Daunce, DaunceConfig, shard_name
-from llm_attr.scoring import covariance_scores, retrieval_metrics
+from llm_attr.scoring import covariance_scores
 from llm_attr.store import Store
 from llm_attr.utils import setup_logging
 

@@ -23,18 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-# OpenMP threads that sleep instead of spinning while they wait: on a CPU shared with other work, spinning threads
-# made a SmolLM2 forward 25x slower (docs/benchmarks.md); set before torch is imported
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _study import build_target, is_main, load_scores, run_method, wait_for  # noqa: E402
 
 from llm_attr.config import load_config, parse_overrides  # noqa: E402
 from llm_attr.data.realistic_backdoor import make_realistic_backdoor, refusal_follows  # noqa: E402
@@ -48,10 +44,6 @@ TARGET = {"epochs": 5.0, "learning_rate": 1e-3, "batch_size": 8, "max_length": 1
 METHODS = ("random", "grad-cos", "if-ekfac-16", "if-ekfac-64", "daunce", "daunce-blackbox")
 
 
-def is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def build_data(work: Path, n_train: int, seed: int) -> dict[str, Path]:
     paths = {name: work / f"{name}.jsonl" for name in ("train", "query_triggered", "query_clean")}
     if is_main() and not all(p.is_file() for p in paths.values()):
@@ -61,32 +53,6 @@ def build_data(work: Path, n_train: int, seed: int) -> dict[str, Path]:
             save_jsonl(records, paths[name])
     wait_for(list(paths.values()))
     return paths
-
-
-def wait_for(files: list[Path], timeout: float = 3600) -> None:
-    """Other ranks wait for rank 0's files (the stages before the methods run on rank 0 only)."""
-    t0 = time.time()
-    while not all(f.exists() for f in files):
-        if time.time() - t0 > timeout:
-            raise SystemExit(f"timed out waiting for {files}")
-        time.sleep(2)
-
-
-def build_target(model: str, work: Path, train: Path, overrides: list[str]) -> Path:
-    from llm_attr.finetune import FinetuneConfig, finetune
-
-    out = work / "target"
-    if (work / "target_wall.json").exists() and (out / "manifest.json").is_file():
-        return out  # built by an earlier run of this recipe (possibly under an older config schema)
-    if is_main():
-        cfg = load_config(FinetuneConfig, None, {**TARGET, **parse_overrides(overrides)})
-        t0 = time.time()
-        finetune(model, train, out, cfg)
-        timing = work / "target_wall.json"
-        if not timing.exists():
-            timing.write_text(json.dumps({"seconds": round(time.time() - t0, 1)}))
-    wait_for([work / "target_wall.json"])
-    return out
 
 
 def backdoor_rates(target: Path, paths: dict[str, Path], work: Path) -> dict:
@@ -106,45 +72,6 @@ def backdoor_rates(target: Path, paths: dict[str, Path], work: Path) -> dict:
              "fired": fired, "examples": {"triggered": gen_t[:3], "clean": gen_c[:3]}}
     out.write_text(json.dumps(rates, indent=1))
     return rates
-
-
-def run_method(name: str, target: Path, paths: dict[str, Path], work: Path, daunce_set: list[str]) -> Path:
-    """Run one method into WORK/<name> (resumable); its wall time (this process's, when it finished) kept."""
-    out = work / name
-    wall = out / "wall.json"
-    if wall.exists() or name == "random":
-        return out
-    t0 = time.time()
-    if name.startswith("grad-") or name.startswith("if-"):
-        from llm_attr.methods.gradient_attribution import GradientAttribution, GradientConfig
-
-        if name.startswith("if-ekfac"):
-            cfg = GradientConfig(method="if-ekfac", projection_rank=int(name.rsplit("-", 1)[1]), max_length=128)
-        else:
-            cfg = GradientConfig(method=name, max_length=128)
-        GradientAttribution(cfg).run(str(target), paths["train"], paths["query_triggered"], out)
-    elif name.startswith("daunce-blackbox"):
-        from llm_attr.methods.blackbox import BlackBoxConfig, BlackBoxDaunce
-
-        cfg = load_config(BlackBoxConfig, ROOT / "configs" / "blackbox.yaml", parse_overrides(daunce_set))
-        BlackBoxDaunce(cfg).run(str(target), paths["train"], paths["query_triggered"], out, yes=True)
-    elif name.startswith("daunce"):
-        from llm_attr.methods.daunce import Daunce, DaunceConfig
-
-        cfg = load_config(DaunceConfig, ROOT / "configs" / "daunce.yaml", parse_overrides(daunce_set))
-        Daunce(cfg).run(str(target), paths["train"], paths["query_triggered"], out)
-    else:
-        raise SystemExit(f"unknown method {name!r}; expected one of {METHODS}")
-    if is_main():
-        wall.write_text(json.dumps({"seconds": round(time.time() - t0, 1)}))
-    return out
-
-
-def load_scores(run: Path) -> tuple[np.ndarray, list[str], list[str]]:
-    from safetensors.numpy import load_file
-
-    ids = json.loads((run / "ids.json").read_text())
-    return load_file(str(run / "scores.safetensors"))["scores"], ids["query"], ids["train"]
 
 
 def metrics(scores: np.ndarray, query_ids: list[str], fired: list[str], kinds: list[str]) -> dict:
@@ -246,7 +173,7 @@ def main() -> None:
     paths = build_data(work, args.n_train, args.seed)
     if args.stop_after == "data":
         return
-    target = build_target(args.model, work, paths["train"], args.target_set)
+    target = build_target(args.model, work, paths["train"], TARGET, args.target_set)
     if args.stop_after == "target":
         return
     rates = backdoor_rates(target, paths, work) if is_main() else None
@@ -262,7 +189,7 @@ def main() -> None:
                "n_fired": len(rates["fired"]), "target_seconds": json.loads(
                    (work / "target_wall.json").read_text())["seconds"], "methods": {}}
     for name in args.methods:
-        run = run_method(name, target, paths, work, args.daunce_set)
+        run = run_method(name, target, paths["train"], paths["query_triggered"], work, args.daunce_set)
         if not is_main():
             continue
         if name == "random":

@@ -96,3 +96,33 @@ def test_daunce_with_top_layer_adapter_equals_a_run_without_the_cache(tmp_path, 
         b = load_file(str(tmp_path / "full" / "shards" / f"{shard_name(k)}.safetensors"))
         for key in ("train_loss", "train_margin", "query_loss", "query_margin"):
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_finetune_and_retrain_with_top_layer_lora_equal_runs_without_the_cache(tmp_path, monkeypatch):
+    """The target's fine-tune and the LDS / removal retrains use the cache too (lora.layers): same adapter, same
+    query losses as without it."""
+    from llm_attr.evaluation.retrain import Retrainer
+    from llm_attr.finetune import FinetuneConfig, finetune
+
+    train, triggered, _ = make_backdoor_task(n_train=32, n_query=3, fraction=0.125, seed=1)
+    cfg = FinetuneConfig(max_steps=3, batch_size=8, max_length=128, save_steps=0,
+                         lora=LoraArgs(rank=4, alpha=8.0, layers=1))
+    results = {}
+    for name in ("cached", "full"):
+        if name == "full":
+            @contextlib.contextmanager
+            def no_cache(*_args, **_kwargs):
+                yield None
+
+            monkeypatch.setattr("llm_attr.finetune.prefix_cache", no_cache)
+            monkeypatch.setattr("llm_attr.evaluation.retrain.prefix_cache", no_cache)
+        run = finetune("builtin:tiny", train, tmp_path / name, cfg)
+        retrainer = Retrainer(str(run), as_records(train), "base", None, None)
+        assert (retrainer.cache is not None) == (name == "cached")
+        retrainer.fit(list(range(20)), seed=5)
+        results[name] = (load_file(str(run / "adapter" / "adapter_model.safetensors")),
+                         retrainer.losses(as_records(triggered)))
+        retrainer.close()
+    for key, value in results["cached"][0].items():
+        torch.testing.assert_close(value, results["full"][0][key], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(results["cached"][1], results["full"][1], rtol=1e-4, atol=1e-5)

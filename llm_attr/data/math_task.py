@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 
 from .seeded import seeded_records
@@ -118,13 +118,22 @@ TEMPLATES: dict[str, Callable[[random.Random], _Problem]] = {
 }
 
 
-def make_math(n: int, seed: int = 0) -> list[dict]:
-    """`n` seeded math records (ids `math-00000`...); prompts are distinct while the template space allows."""
-    return seeded_records("math", n, seed, _draw_math)
+ONE_STEP = ("word_add", "word_sub", "word_mul", "word_div")  # the level a 135M instruct model learns (>= 40%)
 
 
-def _draw_math(rng: random.Random, seen: set[str]) -> dict:
-    names = sorted(TEMPLATES)
+def make_math(n: int, seed: int = 0, templates: Sequence[str] | None = None) -> list[dict]:
+    """`n` seeded math records (ids `math-00000`...); prompts are distinct while the template space allows.
+
+    `templates`: the problem kinds drawn from (default all of `TEMPLATES`; `ONE_STEP` for a small real model).
+    """
+    names = sorted(templates or TEMPLATES)
+    unknown = [t for t in names if t not in TEMPLATES]
+    if unknown:
+        raise ValueError(f"make_math: unknown template(s) {unknown}; known: {sorted(TEMPLATES)}")
+    return seeded_records("math", n, seed, lambda rng, seen: _draw_math(rng, seen, names))
+
+
+def _draw_math(rng: random.Random, seen: set[str], names: list[str]) -> dict:
     for _ in range(50):  # retry to avoid duplicate prompts; accept a duplicate if the space is exhausted
         template = rng.choice(names)
         prompt, working, answer = TEMPLATES[template](rng)
@@ -137,12 +146,10 @@ def _draw_math(rng: random.Random, seen: set[str]) -> dict:
 _BOXED_START = re.compile(r"\\boxed\s*\{")
 
 
-def extract_boxed(text: str) -> str | None:
-    """Content of the last complete top-level `\\boxed{...}` (nested braces allowed), else None.
-
-    An unterminated `\\boxed{` (e.g. a truncated generation) is ignored.
-    """
-    result: str | None = None
+def boxed_span(text: str) -> tuple[int, int] | None:
+    """`(start, end)` characters of the content of the last complete top-level `\\boxed{...}` (nested braces
+    allowed), else None. An unterminated `\\boxed{` (e.g. a truncated generation) is ignored."""
+    result: tuple[int, int] | None = None
     pos = 0
     while (m := _BOXED_START.search(text, pos)) is not None:
         depth, j = 1, m.end()
@@ -154,9 +161,18 @@ def extract_boxed(text: str) -> str | None:
             j += 1
         if depth:
             break
-        result = text[m.end() : j - 1]
+        result = (m.end(), j - 1)
         pos = j
     return result
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last complete top-level `\\boxed{...}` (nested braces allowed), else None.
+
+    An unterminated `\\boxed{` (e.g. a truncated generation) is ignored.
+    """
+    span = boxed_span(text)
+    return None if span is None else text[span[0] : span[1]]
 
 
 _FRAC = re.compile(r"\\d?frac\{([^{}]+)\}\{([^{}]+)\}")

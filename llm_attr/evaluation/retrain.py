@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,8 +28,9 @@ from ..data.tokenize import pad_id_of, tokenize_records
 from ..errors import ConfigError, RunDirError
 from ..fingerprints import model_fingerprint
 from ..io import locked
-from ..losses import evaluate_signal
+from ..losses import autocast, evaluate_signal
 from ..models.lora import LoraArgs
+from ..models.prefix_cache import prefix_cache
 from ..store import Store
 from ..training import TrainingArgs, train
 from ..utils import Overall
@@ -106,6 +109,16 @@ class Retrainer:
         self.examples, _ = tokenize_records(train_records, self.tokenizer, args.max_length, source="train")
         self.pm = PerturbationModel(net, "new", lora)
         self.args, self.optimizer, self.scheduler = args, optimizer, scheduler
+        # with `lora.layers` the bottom layers are frozen: computed once for every retrain (models.prefix_cache)
+        self._autocast = functools.partial(autocast, getattr(args, "precision", "fp32"), device)
+        self._stack = contextlib.ExitStack()
+        self.cache = self._stack.enter_context(prefix_cache(self.pm.model, self.examples, self.pad_id,
+                                                            batch_size=args.batch_size, autocast=self._autocast))
+        self._cached_queries: set[str] = set()
+
+    def close(self) -> None:
+        """Leave the prefix cache (the model runs whole again)."""
+        self._stack.close()
 
     @property
     def model(self):
@@ -122,6 +135,10 @@ class Retrainer:
     def losses(self, records: list[Record], batch_size: int = 64) -> torch.Tensor:
         """`[len(records)]` float32: mean response NLL of each record under the current model."""
         examples, _ = tokenize_records(records, self.tokenizer, self.args.max_length, source="query")
+        new = [e for e in examples if e.id not in self._cached_queries]
+        if self.cache is not None and new:
+            self.cache.add(new, self.pad_id, batch_size=batch_size, autocast=self._autocast)
+            self._cached_queries.update(e.id for e in new)
         return evaluate_signal(self.pm.model, examples, self.pad_id, batch_size=batch_size)
 
 
