@@ -126,3 +126,18 @@ def test_finetune_and_retrain_with_top_layer_lora_equal_runs_without_the_cache(t
     for key, value in results["cached"][0].items():
         torch.testing.assert_close(value, results["full"][0][key], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(results["cached"][1], results["full"][1], rtol=1e-4, atol=1e-5)
+
+
+def test_generation_under_an_active_cache_equals_generation_without_it(top_lora):
+    """Removal studies generate while a retrainer's cache is active: a KV-cache step (one new token, the whole
+    attention mask) is never looked up as an example, and the text is the one the full model writes."""
+    from llm_attr.generation import generate_responses
+
+    model, examples, pad = top_lora
+    loaded = load_model("builtin:tiny")
+    _, triggered, _ = make_backdoor_task(n_train=0, n_query=3, fraction=0.0, seed=4)
+    plain = generate_responses(model, loaded.tokenizer, as_records(triggered), max_new_tokens=8)
+    with prefix_cache(model, examples, pad, batch_size=8) as cache:
+        assert cache is not None
+        cached = generate_responses(model, loaded.tokenizer, as_records(triggered), max_new_tokens=8)
+    assert cached == plain

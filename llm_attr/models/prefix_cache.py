@@ -122,6 +122,9 @@ class PrefixCache:
                position_ids: torch.Tensor | None) -> torch.Tensor | None:
         """`[B, T, D]` cached states for the batch (zeros at padding), or None when any row is not cached."""
         ids = input_ids.cpu()
+        if attention_mask is not None and attention_mask.shape != ids.shape:
+            self.misses += 1  # a generation step over a KV cache: not a whole example
+            return None
         mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.cpu().bool()
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0) if position_ids is None else position_ids.cpu()
         rows = []
@@ -146,8 +149,10 @@ class PrefixCache:
 
         def before(_module, args, kwargs):
             input_ids = kwargs.get("input_ids", args[0] if args else None)
-            if input_ids is None or kwargs.get("inputs_embeds") is not None:
-                return None
+            past = kwargs.get("past_key_values")
+            if input_ids is None or kwargs.get("inputs_embeds") is not None or (
+                    past is not None and past.get_seq_length() > 0):
+                return None  # embeddings given, or a generation step continuing from a KV cache
             states = self.lookup(input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"))
             if states is None:
                 return None
