@@ -121,6 +121,24 @@ def _add_featurize_args(p: argparse.ArgumentParser, model_help: str, out_help: s
     p.add_argument("--overwrite", action="store_true", help="replace a run directory holding another run")
 
 
+QUERY_SPAN_HELP = ("the query measurement (config key query_span): response (default) | a regex over the response "
+                   "text, e.g. 'boxed\\{.*?\\}' (re:PATTERN forces a regex) | metadata (metadata.span [start, end]) "
+                   "| task (MATH: the \\boxed{} answer; backdoor: the target phrase)")
+
+
+def _add_query_span_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--query-span", metavar="SPAN", help=QUERY_SPAN_HELP)
+
+
+def _with_query_span(config, args: argparse.Namespace):
+    """`config` with `--query-span` applied (set after YAML parsing: a regex is never read as YAML)."""
+    if getattr(args, "query_span", None):
+        from .data.spans import check_span
+
+        config.query_span = check_span(args.query_span)
+    return config
+
+
 def _add_scored_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-score", action="store_true", help="only featurize (score later with `llm-attr score`)")
     p.add_argument("--top-k", type=int, default=10, help="rows per query in the top-k table")
@@ -134,6 +152,11 @@ def _add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--measure", choices=["cov", "corr"], help="Daunce runs; default: the run's config")
     p.add_argument("--signal", choices=["loss", "margin"], help="Daunce runs; default: the run's config")
     p.add_argument("--perturbations", type=int, help="Daunce runs: use the first K perturbations only")
+    _add_query_span_arg(p)
+    p.add_argument("--per-token", action="store_true",
+                   help="per-token scores: Daunce [tokens, N] per query with each token's top training examples "
+                        "(scorings/<tag>-tokens/); gradient runs (query only): one row per response token")
+    p.add_argument("--query-id", help="Daunce --per-token: only this query (default: every query)")
     p.add_argument("--top-k", type=int, default=10, help="rows per query in the top-k table")
 
 
@@ -192,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="black-box Daunce: K fine-tuning jobs and response log-probs through this backend "
                         "(config: llm_attr.methods.blackbox.BlackBoxConfig); default: white-box Daunce")
     p.add_argument("--yes", action="store_true", help="black-box: confirm the cost estimate of paid jobs")
+    _add_query_span_arg(p)
     _add_scored_run_args(p)
     _add_config_args(p, "llm_attr.methods.daunce:DaunceConfig")
 
@@ -199,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "K-FAC, EK-FAC)")
     _add_featurize_args(p, "the target: a fine-tuned run dir (params: lora), or any model",
                         "run directory (gradient store, scores); re-run to resume")
+    _add_query_span_arg(p)
     _add_scored_run_args(p)
     _add_config_args(p, "llm_attr.methods.gradient_attribution:GradientConfig")
 
@@ -225,6 +250,7 @@ def _add_evaluation_parsers(sub) -> None:
                        "each left-out example (config: llm_attr.methods.further_training.FurtherTrainingConfig)")
     _add_featurize_args(p, "the final model: a fine-tuned run dir (or any model spec)",
                         "run directory (store, reference.safetensors); re-run to resume")
+    _add_query_span_arg(p)
     _add_config_args(p, "llm_attr.methods.further_training:FurtherTrainingConfig")
 
     p = sub.add_parser("retrain", help="LDS ground truth: retrain on M random subsets, record query losses "
@@ -392,7 +418,7 @@ def _featurize(args: argparse.Namespace, method_class: type, config_class: type)
     from .config import load_config
     from .scoring import scores_line
 
-    method = method_class(load_config(config_class, args.config, args.overrides))
+    method = method_class(_with_query_span(load_config(config_class, args.config, args.overrides), args))
     method.run(args.model, args.train, args.query, args.out, overwrite=args.overwrite, score=not args.no_score,
                top_k=args.top_k)
     if method.scores is not None:  # the main process scored
@@ -419,7 +445,8 @@ def _score(args: argparse.Namespace) -> None:
 def _scoring_options(args: argparse.Namespace) -> dict:
     """The options of `score` and `query` (each method takes its own and refuses the others by name)."""
     return {"measure": args.measure, "signal": args.signal, "perturbations": args.perturbations,
-            "method": args.method, "damping": args.damping}
+            "method": args.method, "damping": args.damping, "query_span": args.query_span,
+            "per_token": args.per_token, "query_id": args.query_id}
 
 
 def _print_scoring(info: dict) -> None:
@@ -455,7 +482,7 @@ def _further_train(args: argparse.Namespace) -> None:
     from .config import load_config
     from .methods.further_training import FurtherTraining, FurtherTrainingConfig
 
-    config = load_config(FurtherTrainingConfig, args.config, args.overrides)
+    config = _with_query_span(load_config(FurtherTrainingConfig, args.config, args.overrides), args)
     out = FurtherTraining(config).run(args.model, args.train, args.query, args.out, overwrite=args.overwrite)
     if _is_main_process():
         print(f"reference: {out / 'reference.safetensors'}   scores (largest budget): {out / 'scores.safetensors'}")

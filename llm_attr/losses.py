@@ -97,26 +97,40 @@ def per_example_signal(logits: torch.Tensor, labels: torch.Tensor, signal: Signa
     raise ValueError(f"unknown signal {signal!r}; expected 'loss' or 'margin'")
 
 
+def token_signals(logits: torch.Tensor, labels: torch.Tensor, signals: tuple[Signal, ...] = ("loss", "margin")
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(`b_idx [M]`, `{signal: [M]}` float32): each labelled token's NLL (`loss`) or log-odds (`margin`), the
+    labelled tokens in row-major order (`b_idx`: their example). One log-softmax over response rows only.
+
+    A query measured on a span of its response has labels on the span's tokens only (`data.spans`): every
+    signal here, and the per-example means below, are then the span's.
+    """
+    logits, targets, mask = shifted(logits, labels)
+    b_idx, t_idx = mask.nonzero(as_tuple=True)
+    logp = -F.cross_entropy(logits[b_idx, t_idx].float(), targets[b_idx, t_idx], reduction="none")  # [M]
+    out = {}
+    for s in signals:
+        if s == "loss":
+            out[s] = -logp
+        elif s == "margin":
+            clamped = logp.clamp(max=-1e-6)  # log(1 - p) needs p < 1
+            out[s] = clamped - torch.log(-torch.expm1(clamped))
+        else:
+            raise ValueError(f"unknown signal {s!r}; expected 'loss' or 'margin'")
+    return b_idx, out
+
+
 def per_example_signals(logits: torch.Tensor, labels: torch.Tensor,
                         signals: tuple[Signal, ...] = ("loss", "margin")) -> dict[str, torch.Tensor]:
     """`{signal: [B]}` float32, the values of `per_example_signal`, from one log-softmax over response rows only.
 
     Evaluation's fast path: prompt and padding positions are skipped and loss and margin share the log-probs.
     """
-    logits, targets, mask = shifted(logits, labels)
-    b_idx, t_idx = mask.nonzero(as_tuple=True)
-    logp = -F.cross_entropy(logits[b_idx, t_idx].float(), targets[b_idx, t_idx], reduction="none")  # [M]
-    n_tokens = mask.sum(-1).clamp(min=1)
+    b_idx, values = token_signals(logits, labels, signals)
+    n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1).to(b_idx.device)
     out = {}
     for s in signals:
-        if s == "loss":
-            values = -logp
-        elif s == "margin":
-            clamped = logp.clamp(max=-1e-6)  # log(1 - p) needs p < 1
-            values = clamped - torch.log(-torch.expm1(clamped))
-        else:
-            raise ValueError(f"unknown signal {s!r}; expected 'loss' or 'margin'")
-        total = torch.zeros(mask.shape[0], dtype=torch.float32, device=logp.device).index_add_(0, b_idx, values)
+        total = torch.zeros(labels.shape[0], dtype=torch.float32, device=b_idx.device).index_add_(0, b_idx, values[s])
         out[s] = total / n_tokens
     return out
 
@@ -177,3 +191,29 @@ def evaluate_signal(
             out[s][idx] = values[s].cpu()
     model.train(was_training)
     return out[signals[0]] if isinstance(signal, str) else out
+
+
+@torch.no_grad()
+def evaluate_token_signals(model, examples: list[Example], pad_id: int, *, batch_size: int = 32,
+                           signals: tuple[Signal, ...] = ("loss", "margin"), precision: str = "fp32",
+                           ) -> dict[str, list[torch.Tensor]]:
+    """`{signal: [tensor [R_i] float32 per example]}`: every labelled (response) token's signal under `model`, in
+    the order of `examples` (the per-token measurement; their mean is `evaluate_signal`'s value)."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=token_lengths(examples).__getitem__)
+    out: dict[str, list] = {s: [None] * len(examples) for s in signals}
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        batch = collate([examples[i] for i in idx], pad_id)
+        keep = response_window(batch["labels"])
+        with merged_lora_forward(model), autocast(precision, next(model.parameters()).device):
+            logits = forward_logits(model, batch, keep_last=keep)
+        b_idx, values = token_signals(logits, batch["labels"][:, -keep:].to(logits.device), signals)
+        counts = torch.bincount(b_idx.cpu(), minlength=len(idx)).tolist()
+        for s in signals:
+            for i, part in zip(idx, values[s].cpu().split(counts), strict=True):
+                out[s][i] = part.clone()
+    model.train(was_training)
+    return out
+

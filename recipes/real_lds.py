@@ -104,10 +104,10 @@ def daunce_rows(run: Path) -> tuple[dict[str, np.ndarray], list[float]]:
     from llm_attr.store import Store
 
     store = Store.open(run, "daunce")
-    k_count = len(store.complete_shards())
-    shards = [store.read_shard(shard_name(k)) for k in range(k_count)]
-    seconds = [float((store.shard_info(shard_name(k)) or {}).get("meta", {}).get("seconds", 0.0))
-               for k in range(k_count)]
+    done = set(store.complete_shards())
+    names = [shard_name(k) for k in range(store.manifest["perturbations"]) if shard_name(k) in done]
+    shards = [store.read_shard(n) for n in names]
+    seconds = [float((store.shard_info(n) or {}).get("meta", {}).get("seconds", 0.0)) for n in names]
     rows = {key: np.stack([s[key].numpy() for s in shards]) for key in shards[0] if key.startswith(("train_", "query_"))}
     return rows, seconds
 
@@ -139,6 +139,7 @@ def main() -> None:
         return
     import torch
 
+    from llm_attr.errors import LlmAttrError
     from llm_attr.evaluation.compare import load_scores
     from llm_attr.evaluation.metrics import lds
     from llm_attr.evaluation.retrain import load_ground_truth
@@ -148,7 +149,11 @@ def main() -> None:
     gt = load_ground_truth(truth)
     rows = []
     for method in GRADIENT_SCORINGS:
-        score_run(grad_run, method=method)
+        try:
+            score_run(grad_run, method=method)
+        except LlmAttrError as e:  # e.g. if-fisher's dense matrix over exact LoRA gradients: too large
+            logger.info("%s: not scored (%s)", method, e)
+            continue
         values = load_scores(grad_run).aligned(gt["query_ids"], gt["train_ids"])
         r = lds(values, gt["masks"], gt["outcomes"])
         rows.append({"method": method, "K": None, "lds": r["lds"], "ci95": r["ci95"], "seconds": grad_seconds})

@@ -207,7 +207,7 @@ def test_objective_is_zero_at_theta0_with_the_weighted_loss_gradient(tiny_target
 
 def test_run_writes_store_scores_and_index(full_run, task):
     manifest = Store.open(full_run, "daunce").manifest
-    assert manifest["complete"] and len(manifest["shards"]) == 4
+    assert manifest["complete"] and sorted(manifest["shards"]) == [*(shard_name(k) for k in range(4)), "query-tokens"]
     assert manifest["ids"]["train"] == [r.id for r in as_records(task.train)]
     assert manifest["shapes"] == {"train_signal": [48], "query_signal": [4]}
     scores = _scores(full_run)
@@ -216,7 +216,11 @@ def test_run_writes_store_scores_and_index(full_run, task):
     assert ids["query"] == [r.id for r in as_records(task.query)] and len(ids["train"]) == 48
     assert (full_run / "topk.md").read_text().count("| query-") == 4 * 10
     shard = _shards(full_run)[0]
-    assert set(shard) == {"train_loss", "train_margin", "query_loss", "query_margin", "subset", "xi"}
+    assert set(shard) == {"train_loss", "train_margin", "query_loss", "query_margin", "subset", "xi",
+                          "query_token_loss", "query_token_margin"}
+    offsets = load_file(str(full_run / "shards" / "query-tokens.safetensors"))["offsets"].tolist()
+    means = torch.stack([shard["query_token_loss"][a:b].mean() for a, b in zip(offsets, offsets[1:], strict=False)])
+    torch.testing.assert_close(means, shard["query_loss"])  # the per-token rows average to the query's loss
     assert all((full_run / "adapters" / f"{k:05d}" / "adapter_model.safetensors").is_file() for k in range(4))
     # the scores are corr(margin) over k of the stored rows
     shards = _shards(full_run)

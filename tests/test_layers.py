@@ -14,7 +14,7 @@ LAYERS = [
     ["", "cli", "demo", "__main__"],  # "": the package itself, its public names
     ["evaluation"],
     ["finetune", "methods", "methods.daunce", "methods.gradient_attribution", "methods.further_training",
-     "methods.blackbox", "methods.daunce_store", "methods.gradient_store", "evaluation.retrain"],
+     "methods.blackbox", "methods.daunce_store", "methods.daunce_tokens", "methods.gradient_store", "evaluation.retrain"],
     ["methods.gradients", "methods.preconditioners", "methods.registry", "backends"],
     ["pipeline", "runner", "context", "fingerprints", "results"],
     ["scoring"],
@@ -24,7 +24,7 @@ LAYERS = [
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 #: the method modules (one strategy each) and the most lines each may have
-METHOD_MODULES = {"methods/daunce.py": 300, "methods/daunce_objective.py": 300, "methods/daunce_store.py": 300, "methods/gradient_store.py": 300, "methods/further_training.py": 300,
+METHOD_MODULES = {"methods/daunce.py": 300, "methods/daunce_tokens.py": 300, "methods/daunce_objective.py": 300, "methods/daunce_store.py": 300, "methods/gradient_store.py": 300, "methods/further_training.py": 300,
                   "methods/registry.py": 300}
 
 

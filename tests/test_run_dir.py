@@ -106,7 +106,7 @@ def test_a_run_that_failed_before_its_first_shard_does_not_block_the_corrected_c
     assert main(bad) == 0
     manifest = Store.open(out, "daunce").manifest
     assert manifest["complete"] and manifest["config"]["max_length"] == 128
-    assert sorted(manifest["shards"]) == [shard_name(0), shard_name(1)]
+    assert sorted(manifest["shards"]) == [shard_name(0), shard_name(1), "query-tokens"]
 
 
 def test_the_inputs_are_copied_under_inputs_and_every_scoring_is_kept(run, data, capsys):

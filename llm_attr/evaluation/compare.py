@@ -55,6 +55,22 @@ def method_name(run: Path) -> str:
     return run.name
 
 
+def measurement(run: str | Path) -> str:
+    """The query measurement a run's latest scoring is of (`query_span` in RUN/scores.json; `response` if none)."""
+    info_path = Path(run) / "scores.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        return "per-token" if info.get("per_token") else info.get("query_span") or "response"
+    return "response"
+
+
+def _same_measurement(run: str | Path, truth: str | Path, truth_span: str, what: str) -> None:
+    mine = measurement(run)
+    if mine != truth_span:
+        raise RunDirError(f"{run}: its scores measure the queries on {mine!r} but the {what} {truth} measures "
+                          f"them on {truth_span!r}; score both with the same --query-span")
+
+
 def load_scores(run: str | Path, name: str | None = None) -> Scores:
     """The scores of a run directory (or a directory written by `llm-attr query`)."""
     from safetensors.numpy import load_file
@@ -114,6 +130,7 @@ def compare_with_reference(reference: str | Path, runs: list[str | Path]) -> dic
     out: dict[str, Any] = {"reference": str(reference), "budgets": budgets, "n_query": len(ids["query"]),
                            "n_left_out": len(ids["train"]), "methods": {}}
     for run in runs:
+        _same_measurement(run, reference, measurement(reference), "further-training reference")
         scores = load_scores(run)
         method = scores.aligned(ids["query"], ids["train"])
         entry: dict[str, Any] = {"run": str(run), "cosine": [], "spearman": [], "per_query_cosine": []}
@@ -153,7 +170,9 @@ def evaluate_lds(ground_truth: str | Path, runs: list[str | Path], *, n_bootstra
     gt = load_ground_truth(ground_truth)
     out: dict[str, Any] = {"ground_truth": str(ground_truth), "subsets": int(gt["masks"].shape[0]),
                            "n_query": len(gt["query_ids"]), "n_train": len(gt["train_ids"]), "methods": {}}
-    for run in runs:
+    for run in runs:  # `llm-attr retrain` records whole-response losses only
+        _same_measurement(run, ground_truth, "response", "LDS ground truth (whole responses: a span's LDS needs a "
+                          "retrain store measured on the span, which `llm-attr retrain` does not record yet)")
         scores = load_scores(run)
         values = scores.aligned(gt["query_ids"], gt["train_ids"])
         out["methods"][scores.name] = {"run": str(run), **lds(values, gt["masks"], gt["outcomes"],

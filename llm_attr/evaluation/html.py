@@ -157,6 +157,9 @@ def _run_section(run: Path, top_k: int, truth: set[str] | None, ks: Sequence[int
     if manifest.is_file():
         m = json.loads(manifest.read_text())
         method = f"{m.get('method', '')} {m.get('config', {}).get('method', '')}".strip()
+    span = json.loads((run / "scores.json").read_text()).get("query_span") if (run / "scores.json").is_file() else None
+    if span:
+        method += f" · query span {span!r} (marked)"
     parts = [f'<section class="run"><h2>{_esc(run.name)}</h2><div class="run-meta">{_esc(run)} · {_esc(method)} · '
              f"{len(query_ids)} queries × {len(train_ids)} training examples"]
     if relevant is not None:
@@ -184,12 +187,23 @@ def _run_section(run: Path, top_k: int, truth: set[str] | None, ks: Sequence[int
             f'<article class="query" data-query-id="{_esc(qid)}" data-search="{_esc(search)}">'
             f'<div class="qhead"><span class="label">query</span><span class="qid">{_esc(qid)}</span>{"".join(metrics)}'
             f'</div><div class="text"><span class="label">prompt</span> {_esc(prompt)}</div>'
-            f'<div class="text"><span class="label">response</span> {_esc(response)}</div>'
+            f'<div class="text"><span class="label">response</span> {_marked(query.get(qid), response, span)}</div>'
             f'<div class="row"><table><thead><tr><th>rank</th><th>train id</th><th>score</th><th>training example'
             f'</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
             f'{_histogram(values, relevant)}</div></article>')
     parts.append("</section>")
     return "".join(parts), len(query_ids)
+
+
+def _marked(record: dict | None, response: str, span: str | None) -> str:
+    """The response, escaped, with the measured span in `<mark>` (the whole response: unmarked)."""
+    if not span or record is None:
+        return _esc(response)
+    from ..data.records import record_from_dict
+    from ..data.spans import split_span
+
+    before, inside, after = split_span(record_from_dict(record, "query"), span)
+    return f"{_esc(before)}<mark>{_esc(inside)}</mark>{_esc(after)}"
 
 
 def is_scored_run(path: str | os.PathLike) -> bool:

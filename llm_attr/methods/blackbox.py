@@ -326,10 +326,18 @@ class BlackBoxDaunce:
 # ---------------------------------------------------------------------- the CLI
 
 
+#: Why black-box Daunce takes no `--query-span` (one line).
+BLACKBOX_SPAN_REFUSAL = ("black-box Daunce measures whole responses only: its backends return each response's "
+                         "log-probabilities without the characters of their tokens, which a span needs (not yet "
+                         "supported); use white-box `llm-attr daunce` for --query-span and --per-token")
+
+
 def cli_daunce(args: argparse.Namespace) -> None:
     """`llm-attr daunce --backend local|openai ...` (called by `llm_attr.cli`)."""
     from ..config import load_config
 
+    if getattr(args, "query_span", None) not in (None, "response"):
+        raise ConfigError(BLACKBOX_SPAN_REFUSAL)
     config = load_config(BlackBoxConfig, args.config, args.overrides)
     method = BlackBoxDaunce(config, make_backend(args.backend, config))
     out = method.run(args.model, args.train, args.query, args.out, yes=getattr(args, "yes", False),

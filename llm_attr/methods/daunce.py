@@ -38,9 +38,10 @@ import torch
 
 from .. import pipeline
 from ..config import at_least, to_dict
+from ..data import spans
 from ..data.records import Record
 from ..data.tokenize import pad_id_of, tokenize_records
-from ..losses import autocast, evaluate_signal
+from ..losses import autocast, evaluate_signal, evaluate_token_signals
 from ..models.lora import LoraArgs
 from ..models.prefix_cache import prefix_cache
 from ..results import AttributionResult
@@ -48,6 +49,7 @@ from ..runner import PerturbationModel, load_target, swapped_weights  # noqa: F4
 from ..store import Store
 from ..training import TrainingArgs, plain_objective, train
 from ..utils import Overall
+from . import daunce_tokens
 from .daunce_objective import (  # noqa: F401 (also imported from here)
     LOGIT_CHUNK_ELEMENTS,
     RowProbs,
@@ -74,7 +76,8 @@ logger = logging.getLogger(__name__)
 RUN_OUTPUTS = ("scores.safetensors", "ids.json", "topk.md", "scores.json", "self_influence.safetensors",
                "self_influence.md", "prepared", "train.jsonl", "query.jsonl")
 #: Config keys that change how a run is computed or scored but not its shards: a re-run may change them.
-SHARD_NEUTRAL_KEYS = ("perturbations", "measure", "signal", "keep_adapters", "eval_batch_size", "theta0_cache_mb")
+SHARD_NEUTRAL_KEYS = ("perturbations", "measure", "signal", "keep_adapters", "eval_batch_size", "theta0_cache_mb",
+                      "query_span")
 
 
 @dataclass
@@ -93,6 +96,7 @@ class DaunceConfig(TrainingArgs):
     first_order: bool = field(default=True, metadata={"help": "false: plain loss on D_k (black-box Daunce)"})
     measure: Literal["cov", "corr"] = field(default="corr", metadata={"help": "score: covariance or correlation"})
     signal: Literal["loss", "margin"] = field(default="margin", metadata={"help": "score: loss or margin rows"})
+    query_span: str = field(default=spans.RESPONSE, metadata={"help": "score: " + spans.HELP})
     lora: LoraArgs = field(default_factory=lambda: LoraArgs(rank=64, alpha=128.0, layers=4),
                            metadata={"help": "the perturbation adapter (adapter: new)"})
     keep_adapters: bool = field(default=True, metadata={"help": "keep RUN/adapters/k for `llm-attr query`"})
@@ -109,6 +113,7 @@ class DaunceConfig(TrainingArgs):
         if not 0.0 < self.subsample_ratio <= 1.0:
             raise ValueError(f"subsample_ratio must be in (0, 1], got {self.subsample_ratio}")
         at_least(self, gamma=0, rho=0, seed=0, eval_batch_size=1)
+        spans.check_span(self.query_span)
         if not self.first_order and self.subsample_ratio == 1.0:
             logger.warning("first_order: false with subsample_ratio: 1 leaves no data perturbation: the K runs "
                            "differ only by LoRA init and data order")
@@ -165,6 +170,7 @@ class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig)
             "dtype": "float32",
             "signals": list(SIGNALS),
             "perturbations": cfg.perturbations,
+            "measurement": {"query_span": cfg.query_span, "per_token": True},
         }
         store = pipeline.open_store(out, method=METHOD, fingerprint=fp, parts=parts, header=header, state=state,
                            inputs=self.inputs, train=train_records,
@@ -181,7 +187,8 @@ class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig)
             self._featurize(model, train_records, query_records, store, todo, accelerator)
         if pipeline.finish(store, [shard_name(k) for k in range(cfg.perturbations)], state, "perturbations") is not None:
             if score:
-                self.scores = score_run(out, measure=cfg.measure, signal=cfg.signal, top_k=top_k)
+                self.scores = score_run(out, measure=cfg.measure, signal=cfg.signal, top_k=top_k,
+                                        query_span=cfg.query_span)
         state.wait_for_everyone()
         return AttributionResult(out)  # a path too: `out / 'topk.md'` still works
 
@@ -196,6 +203,10 @@ class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig)
         pad_id = pad_id_of(tokenizer)
         train_ex, _ = tokenize_records(train_records, tokenizer, cfg.max_length, source="train")
         query_ex, _ = tokenize_records(query_records, tokenizer, cfg.max_length, source="query")
+        chars = spans.query_token_chars(query_records, query_ex, tokenizer)
+        given = self.inputs.get("query")
+        spans.span_masks(query_records, chars, cfg.query_span,  # a query without its span stops the run here
+                         source=str(given) if isinstance(given, (str, Path)) else "query")
         pm = PerturbationModel(net, cfg.adapter, cfg.lora)
         n_trainable = sum(p.numel() for p in pm.trainable.values())
         logger.info("Daunce: training %d perturbed copies of the target here (%s, %d trainable parameters each, "
@@ -227,6 +238,9 @@ class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig)
                     signals = evaluate_signal(pm.model, examples, pad_id, batch_size=cfg.eval_batch_size,
                                               signal=SIGNALS, precision=cfg.precision)
                     tensors.update({f"{side}_{s}": signals[s] for s in SIGNALS})
+                tensors.update(daunce_tokens.token_tensors(evaluate_token_signals(  # queries' per-token rows
+                    pm.model, query_ex, pad_id, batch_size=cfg.eval_batch_size, signals=SIGNALS,
+                    precision=cfg.precision)))
                 if cfg.keep_adapters:
                     pm.save(adapter_dir(store.root, k))
                 tensors.update({"subset": plan.subset, "xi": plan.xi})
@@ -236,6 +250,7 @@ class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig)
                     "seconds": round(seconds, 3), "process_index": accelerator.process_index,
                     "adapter_saved": cfg.keep_adapters,
                 })
+                daunce_tokens.write_token_layout(store, chars)  # after a shard: a run that computed nothing stays so
                 self.computed.append(k)
                 logger.debug("perturbation %d: %d steps, final objective %.4g, %.1fs", k, result.steps,
                              result.final_loss, seconds)

@@ -2,7 +2,8 @@
 queries against the kept adapters (`llm-attr query`).
 
 A Daunce store holds one shard per perturbation k (`perturbation-KKKKK`: `train_loss`, `train_margin` `[N]`,
-`query_loss`, `query_margin` `[Q]`, `subset`, `xi`) and, with `keep_adapters`, the adapter θ_k under
+`query_loss`, `query_margin` `[Q]`, the per-token `query_token_loss`, `query_token_margin` `[R]`, `subset`,
+`xi`), the queries' token layout (`query-tokens`, `daunce_tokens`) and, with `keep_adapters`, the adapter θ_k under
 `adapters/KKKKK`. Black-box Daunce writes the same store kind.
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from .. import pipeline
+from ..data import spans
 from ..data.records import as_records, save_jsonl
 from ..data.tokenize import pad_id_of, tokenize_records
 from ..errors import ConfigError, RunDirError
@@ -35,7 +37,8 @@ from ..scoring import (
     write_scoring,
     write_self_influence,
 )
-from ..store import Store, input_copy
+from ..store import Store, input_copy, run_input
+from . import daunce_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -108,33 +111,51 @@ def scoring_tag(measure: str, signal: str, k_count: int) -> str:
 
 
 def write_scores(out: Path, query_signals: torch.Tensor, run: Path, store: Store, k_count: int, signal: str,
-                 measure: Measure, query_ids: list[str], top_k: int, meta: dict[str, Any]) -> dict[str, Any]:
-    """Score `query_signals [K, Q]` against the store's train signals into `out` (`scoring.write_scoring`)."""
+                 measure: Measure, query_ids: list[str], top_k: int, meta: dict[str, Any],
+                 query_span: str | None = None) -> dict[str, Any]:
+    """Score `query_signals [K, Q]` against the store's train signals into `out` (`scoring.write_scoring`);
+    `query_span`: the measurement the query signals are of (named in the tag, the title and scores.json)."""
     prepared = prepared_train_signals(store, k_count, signal, measure)
 
     def fill(array: np.ndarray) -> None:
         covariance_scores(query_signals, as_tensor(prepared), measure=measure, out=array, prepared=True)
 
-    return write_scoring(out, tag=scoring_tag(measure, signal, k_count), query_ids=query_ids,
-                         train_ids=store.manifest["ids"]["train"], fill=fill, texts_from=run,
-                         title=f"Daunce top-{top_k} ({measure} of {signal}, K={k_count})", top_k=top_k,
-                         info={"measure": measure, "signal": signal, "perturbations": k_count, **meta},
-                         metadata={"measure": measure, "signal": signal, "perturbations": k_count})
+    whole = spans.is_whole(query_span)
+    measured = {} if whole else {"query_span": query_span}
+    return write_scoring(out, tag=scoring_tag(measure, signal, k_count) + spans.span_tag(query_span),
+                         query_ids=query_ids, train_ids=store.manifest["ids"]["train"], fill=fill, texts_from=run,
+                         title=f"Daunce top-{top_k} ({measure} of {signal}, K={k_count}"
+                               + ("" if whole else f"; query span {query_span!r}") + ")", top_k=top_k,
+                         info={"measure": measure, "signal": signal, "perturbations": k_count, **measured, **meta},
+                         metadata={"measure": measure, "signal": signal, "perturbations": k_count, **measured},
+                         queries=spans.marked_queries(run_input(out, "query"), query_span))
 
 
 @locked("daunce scoring", dir_arg="run")
 def score_run(run: str | Path, *, measure: Measure = "corr", signal: Signal = "margin",
-              perturbations: int | None = None, top_k: int = 10) -> dict[str, Any]:
+              perturbations: int | None = None, top_k: int = 10, query_span: str | None = None,
+              per_token: bool = False, query_id: str | None = None) -> dict[str, Any]:
     """Score a Daunce run's queries from its store: RUN/scores.safetensors, ids.json, topk.md, scores.json.
 
-    `perturbations`: use the first K shards only (default: the run's K). Returns the figures and a text table.
+    `perturbations`: use the first K shards only (default: the run's K). `query_span`: the query measurement
+    (`data.spans`; default and `response`: the whole response), from the stored per-token rows. `per_token`:
+    instead, per-token scores of the queries (`query_id`: one of them) under RUN/scorings/<tag>-tokens/
+    (`daunce_tokens.write_token_scores`). Returns the figures and a text table.
     """
     run = Path(run)
     store = Store.open(run, METHOD)
     k_count = _check_k(store, perturbations)
-    query = _signal_rows(store, k_count, f"query_{signal}")
+    if per_token:
+        prepared = prepared_train_signals(store, k_count, signal, measure)
+        tag = scoring_tag(measure, signal, k_count) + spans.span_tag(query_span)
+        return daunce_tokens.write_token_scores(run, store, prepared, k_count, signal, measure, tag, query_id,
+                                                query_span, top_k)
+    if spans.is_whole(query_span):
+        query = _signal_rows(store, k_count, f"query_{signal}")
+    else:
+        query = daunce_tokens.span_rows(run, store, k_count, signal, query_span)
     return write_scores(run, query, run, store, k_count, signal, measure, store.manifest["ids"]["query"], top_k,
-                        {"run": str(run)})
+                        {"run": str(run)}, query_span=query_span)
 
 
 @locked("daunce self-influence", dir_arg="run")
@@ -161,7 +182,7 @@ def score_self_influence(run: str | Path, *, signal: Signal = "margin", perturba
 @locked("daunce query")
 def query_run(run: str | Path, query: str | Path | list, out: str | Path, *, measure: Measure | None = None,
               signal: Signal | None = None, perturbations: int | None = None, top_k: int = 10,
-              batch_size: int | None = None) -> dict[str, Any]:
+              batch_size: int | None = None, query_span: str | None = None) -> dict[str, Any]:
     """Score new queries against a Daunce index: K forward passes with the kept adapters, the stored train signals.
 
     Writes OUT/scores.safetensors, ids.json, topk.md, scores.json and query_signals.safetensors (`loss`, `margin`
@@ -181,6 +202,7 @@ def query_run(run: str | Path, query: str | Path | list, out: str | Path, *, mea
     cfg = manifest["config"]
     measure = measure or cfg["measure"]
     signal = signal or cfg["signal"]
+    query_span = query_span or cfg.get("query_span", spans.RESPONSE)
     k_count = _check_k(store, perturbations)
     for k in range(k_count):  # the adapter index: each RUN/adapters/k must lie inside the run (no symlink out)
         contained_path(run, str(adapter_dir(run, k).relative_to(run) / "adapter_model.safetensors"),
@@ -202,8 +224,9 @@ def query_run(run: str | Path, query: str | Path | list, out: str | Path, *, mea
         base, tokenizer = load_target(spec, "continue", device, cfg.get("dtype", "auto"))
         base = base.unload()  # the kept adapters replace the target's own
     records = as_records(query)
-    examples, _ = tokenize_records(records, tokenizer, cfg["max_length"], source=str(query) if isinstance(
-        query, (str, Path)) else "query")
+    source = str(query) if isinstance(query, (str, Path)) else "query"
+    examples, _ = tokenize_records(records, tokenizer, cfg["max_length"], source=source)
+    examples = spans.span_examples(records, examples, tokenizer, query_span, source)
     pad_id = pad_id_of(tokenizer)
     model = PeftModel.from_pretrained(base, str(adapter_dir(run, 0)), is_trainable=False)
     rows = {s: [] for s in SIGNALS}
@@ -219,24 +242,32 @@ def query_run(run: str | Path, query: str | Path | list, out: str | Path, *, mea
     atomic_write(out / "query_signals.safetensors", lambda tmp: save_file(signals, tmp))
     save_jsonl(records, input_copy(out, "query"))
     return write_scores(out, signals[signal], run, store, k_count, signal, measure, [r.id for r in records],
-                        top_k, {"run": str(run), "query": str(query) if isinstance(query, (str, Path)) else "records"})
+                        top_k, {"run": str(run), "query": str(query) if isinstance(query, (str, Path)) else "records"},
+                        query_span=query_span)
 
 
 def score_cli(run: str | Path, *, top_k: int = 10, measure: Measure | None = None, signal: Signal | None = None,
-              perturbations: int | None = None, self_influence: bool = False) -> dict[str, Any]:
-    """`llm-attr score RUN [--measure] [--signal] [--perturbations] [--self]` of a Daunce store (the run's config
-    fills what is not given)."""
+              perturbations: int | None = None, self_influence: bool = False, query_span: str | None = None,
+              per_token: bool = False, query_id: str | None = None) -> dict[str, Any]:
+    """`llm-attr score RUN [--measure] [--signal] [--perturbations] [--self] [--query-span] [--per-token
+    [--query-id]]` of a Daunce store (the run's config fills what is not given)."""
     cfg = Store.open(run, METHOD).manifest["config"]
     signal = signal or cfg["signal"]
     if self_influence:
         info = score_self_influence(run, signal=signal, perturbations=perturbations, top_k=top_k)
         return {**info, "files": f"self-influence: {Path(run) / 'self_influence.safetensors'}"}
-    info = score_run(run, measure=measure or cfg["measure"], signal=signal, perturbations=perturbations, top_k=top_k)
+    query_span = query_span or cfg.get("query_span", spans.RESPONSE)
+    info = score_run(run, measure=measure or cfg["measure"], signal=signal, perturbations=perturbations, top_k=top_k,
+                     query_span=query_span, per_token=per_token, query_id=query_id)
+    if per_token:
+        return {**info, "files": info.pop("files_line")}
     return {**info, "files": scores_line(run)}
 
 
 def query_cli(run: str | Path, query: str | Path, out: str | Path, *, top_k: int = 10, measure: Measure | None = None,
-              signal: Signal | None = None, perturbations: int | None = None) -> dict[str, Any]:
-    """`llm-attr query RUN --query Q --out OUT` of a Daunce store (`query_run`)."""
-    info = query_run(run, query, out, measure=measure, signal=signal, perturbations=perturbations, top_k=top_k)
+              signal: Signal | None = None, perturbations: int | None = None,
+              query_span: str | None = None) -> dict[str, Any]:
+    """`llm-attr query RUN --query Q --out OUT [--query-span S]` of a Daunce store (`query_run`)."""
+    info = query_run(run, query, out, measure=measure, signal=signal, perturbations=perturbations, top_k=top_k,
+                     query_span=query_span)
     return {**info, "files": scores_line(out)}

@@ -26,6 +26,7 @@ import torch
 
 from .. import pipeline
 from ..config import to_dict
+from ..data import spans
 from ..data.records import Record
 from ..data.tokenize import Example, collate, pad_id_of, tokenize_records
 from ..errors import ConfigError
@@ -68,6 +69,7 @@ class FurtherTrainingConfig(TrainingArgs):
     lora: LoraArgs = field(default_factory=LoraArgs, metadata={"help": "the adapter trained on the final model (adapter: new)"})
     centre: bool = field(default=False, metadata={"help": "subtract each query's mean over the left-out examples"})
     eval_batch_size: int = field(default=64, metadata={"help": "batch size of the query-loss evaluation"})
+    query_span: str = field(default=spans.RESPONSE, metadata={"help": "the query losses': " + spans.HELP})
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
 
     def __post_init__(self) -> None:
@@ -78,6 +80,7 @@ class FurtherTrainingConfig(TrainingArgs):
         if self.leave_out < 0:
             raise ValueError(f"leave_out must be >= 0, got {self.leave_out}")
         self.max_steps = self.budgets[-1]
+        spans.check_span(self.query_span)
         super().__post_init__()
 
 
@@ -120,7 +123,11 @@ def reweight_objective(left_out: Example, pad_id: int, n_train: int):
 
 
 def featurize_config(cfg: FurtherTrainingConfig) -> dict[str, Any]:
-    return pipeline.shard_config(cfg, SHARD_NEUTRAL_KEYS)
+    """The fingerprinted keys (`query_span` only when it is a span: older stores keep their fingerprint)."""
+    out = pipeline.shard_config(cfg, SHARD_NEUTRAL_KEYS)
+    if spans.is_whole(out.get("query_span")):
+        out.pop("query_span", None)
+    return out
 
 
 class FurtherTraining(pipeline.FeaturizeMethod, name="further-train", config_class=FurtherTrainingConfig):
@@ -175,6 +182,9 @@ class FurtherTraining(pipeline.FeaturizeMethod, name="further-train", config_cla
         pad_id = pad_id_of(tokenizer)
         train_ex, _ = tokenize_records(train_records, tokenizer, cfg.max_length, source="train")
         query_ex, _ = tokenize_records(query_records, tokenizer, cfg.max_length, source="query")
+        given = self.inputs.get("query")
+        query_ex = spans.span_examples(query_records, query_ex, tokenizer, cfg.query_span,
+                                       str(given) if isinstance(given, (str, Path)) else "query")
         pm = PerturbationModel(net, cfg.adapter, cfg.lora)
         n = len(train_ex)
         overall = Overall(len(todo), "further-training run", log=logger)
@@ -236,14 +246,17 @@ def write_reference(run: str | Path, centre: bool = False) -> dict[str, Any]:
     from ..io import atomic_write
 
     run = Path(run)
-    ref = reference_scores(Store.open(run, METHOD), centre=centre)
+    store = Store.open(run, METHOD)
+    ref = reference_scores(store, centre=centre)
+    span = store.manifest["config"].get("query_span", spans.RESPONSE)
     budgets = torch.tensor(ref["budgets"], dtype=torch.int64)
     atomic_write(run / "reference.safetensors", lambda tmp: save_file(
         {"scores": ref["scores"], "per_seed": ref["per_seed"], "budgets": budgets}, tmp))
     atomic_write(run / "scores.safetensors", lambda tmp: save_file({"scores": ref["scores"][-1].contiguous()}, tmp))
     write_ids(run / "ids.json", ref["query_ids"], ref["train_ids"])
     atomic_write_json(run / "scores.json", {"method": METHOD, "budgets": ref["budgets"], "centre": centre,
-                                            "budget": ref["budgets"][-1], "run": str(run)})
+                                            "budget": ref["budgets"][-1], "run": str(run),
+                                            **({} if spans.is_whole(span) else {"query_span": span})})
     logger.info("wrote %s: τ over %d queries x %d left-out examples at budgets %s", run / "reference.safetensors",
                 len(ref["query_ids"]), len(ref["train_ids"]), ref["budgets"])
     return ref

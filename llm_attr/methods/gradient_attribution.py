@@ -26,6 +26,7 @@ import torch
 
 from .. import pipeline
 from ..config import at_least, to_dict
+from ..data import spans
 from ..data.records import as_records, save_jsonl
 from ..data.tokenize import Example, collate, pad_id_of, token_lengths, tokenize_records
 from ..errors import ConfigError, RunDirError
@@ -92,6 +93,7 @@ class GradientConfig:
     seed: int = field(default=0, metadata={"help": "seed of the Gaussian projections"})
     max_length: int = field(default=512, metadata={"help": "tokens per example (longer ones are truncated)"})
     dtype: str = field(default="auto", metadata={"help": "model dtype: auto | float32 | bfloat16 | float16"})
+    query_span: str = field(default=spans.RESPONSE, metadata={"help": "the query gradients': " + spans.HELP})
     checkpoints: list[Checkpoint] = field(
         default_factory=list, metadata={"help": "tracin: [{adapter: DIR, lr: float}, ...]; empty: the target, lr 1"}
     )
@@ -108,6 +110,7 @@ class GradientConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        spans.check_span(self.query_span)
         if self.params != "lora":
             try:
                 re.compile(self.params)
@@ -163,6 +166,8 @@ def featurize_config(cfg: GradientConfig) -> dict[str, Any]:
         "max_length": cfg.max_length,
         "dtype": cfg.dtype,
     }
+    if not spans.is_whole(cfg.query_span):  # (absent for the whole response: older stores keep their fingerprint)
+        out["query_span"] = cfg.query_span
     checkpoints = cfg.effective_checkpoints()
     if checkpoints != [None]:
         out["checkpoints"] = [file_fingerprint(_adapter_file(c.adapter)) for c in checkpoints]
@@ -191,6 +196,7 @@ class GradientAttribution(pipeline.FeaturizeMethod, name="gradients", config_cla
             "ids": {"train": [r.id for r in train_records], "query": [r.id for r in query_records]},
             "dtype": cfg.store_dtype,
             "block_size": cfg.block_size,
+            "measurement": {"query_span": cfg.query_span, "per_token": False},
         }
         store = pipeline.open_store(out, method=METHOD, fingerprint=fp, parts=parts, header=header, state=state,
                            inputs=self.inputs, train=train_records,
@@ -202,6 +208,9 @@ class GradientAttribution(pipeline.FeaturizeMethod, name="gradients", config_cla
         pad_id = pad_id_of(tokenizer)
         train_ex, _ = tokenize_records(train_records, tokenizer, cfg.max_length, source="train")
         query_ex, _ = tokenize_records(query_records, tokenizer, cfg.max_length, source="query")
+        given = self.inputs.get("query")
+        query_ex = spans.span_examples(query_records, query_ex, tokenizer, cfg.query_span,
+                                       str(given) if isinstance(given, (str, Path)) else "query")
         self.computed = []
         self._projection(store, extractor, train_ex, pad_id, state)  # before the layout: PCA fixes it here
         if state.is_main_process:
@@ -376,10 +385,15 @@ def _load_checkpoint(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
 
 @locked("gradient query")
 def query_run(run: str | Path, query: str | Path | list, out: str | Path, *, method: str | None = None,
-              damping: float | None = None, top_k: int = 10, batch_size: int | None = None) -> dict[str, Any]:
+              damping: float | None = None, top_k: int = 10, batch_size: int | None = None,
+              query_span: str | None = None, per_token: bool = False) -> dict[str, Any]:
     """Score new queries against a gradient run (its stored training gradients, projection and preconditioner):
     only the queries' gradients are computed. Writes OUT/scores.safetensors, ids.json, topk.md, scores.json,
-    query.jsonl and query_gradients.safetensors (`c<C>`: `[Q, d]` float32 per checkpoint)."""
+    query.jsonl and query_gradients.safetensors (`c<C>`: `[Q, d]` float32 per checkpoint).
+
+    `query_span`: the queries' measurement (default: the run's). `per_token`: one gradient per response token of
+    the span (its token's NLL), projected like the others and computed `batch_size` tokens at a time: the scores
+    have one row per token, ids `QUERY#T` (T the token's position in the response)."""
     from safetensors.torch import save_file
 
     from ..config import from_dict
@@ -411,6 +425,13 @@ def query_run(run: str | Path, query: str | Path | list, out: str | Path, *, met
         raise RunDirError(f"{run}: the model's gradients have d = {extractor.dim}, the store's {manifest['shapes']}")
     records = as_records(query)
     examples, _ = tokenize_records(records, tokenizer, cfg.max_length, source="query")
+    query_span = query_span or cfg.query_span
+    source = str(query) if isinstance(query, (str, Path)) else "query"
+    ids = [r.id for r in records]
+    if per_token:
+        examples, ids = token_examples(records, examples, tokenizer, query_span, source)
+    else:
+        examples = spans.span_examples(records, examples, tokenizer, query_span, source)
     pad_id = pad_id_of(tokenizer)
     grads = []
     for checkpoint in cfg.effective_checkpoints():
@@ -421,11 +442,27 @@ def query_run(run: str | Path, query: str | Path | list, out: str | Path, *, met
     atomic_write(out / "query_gradients.safetensors",
                  lambda tmp: save_file({f"c{c}": g for c, g in enumerate(grads)}, tmp))
     save_jsonl(records, input_copy(out, "query"))
-    return write_scores(out, run, store, method or cfg.method, damping, grads, [r.id for r in records], top_k,
-                        {"run": str(run), "query": str(query) if isinstance(query, (str, Path)) else "records"})
+    return write_scores(out, run, store, method or cfg.method, damping, grads, ids, top_k,
+                        {"run": str(run), "query": str(query) if isinstance(query, (str, Path)) else "records"},
+                        query_span=query_span, per_token=per_token)
+
+
+def token_examples(records, examples, tokenizer, query_span: str | None, source: str) -> tuple[list[Example], list[str]]:
+    """One example per response token of each query's span (labels on that token only) and its id `QUERY#T`."""
+    chars = spans.query_token_chars(records, examples, tokenizer)
+    masks = spans.span_masks(records, chars, query_span or spans.RESPONSE, source)
+    out, ids = [], []
+    for e, mask in zip(examples, masks, strict=True):
+        for t in mask.nonzero()[0].tolist():
+            one = mask & False
+            one[t] = True
+            out += spans.masked_examples([e], [one])
+            ids.append(f"{e.id}#{t}")
+    return out, ids
 
 
 def query_cli(run: str | Path, query: str | Path, out: str | Path, *, top_k: int = 10, method: str | None = None,
-              damping: float | None = None) -> dict[str, Any]:
-    """`llm-attr query RUN --query Q --out OUT` of a gradient store (`query_run`)."""
-    return {**query_run(run, query, out, method=method, damping=damping, top_k=top_k), "files": scores_line(out)}
+              damping: float | None = None, query_span: str | None = None, per_token: bool = False) -> dict[str, Any]:
+    """`llm-attr query RUN --query Q --out OUT [--query-span S] [--per-token]` of a gradient store (`query_run`)."""
+    return {**query_run(run, query, out, method=method, damping=damping, top_k=top_k, query_span=query_span,
+                        per_token=per_token), "files": scores_line(out)}

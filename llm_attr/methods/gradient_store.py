@@ -22,10 +22,11 @@ from typing import Any, Literal
 
 import torch
 
+from ..data import spans
 from ..errors import ConfigError, RunDirError
 from ..io import fingerprint, locked
 from ..scoring import score_inner_products, scores_line, write_scoring
-from ..store import Store
+from ..store import Store, run_input
 from .gradients import KroneckerFactors, LayerBlock
 from .preconditioners import Preconditioner, build_preconditioner
 from .registry import FACTOR_PRECONDITIONERS, PRECONDITIONERS
@@ -186,9 +187,11 @@ def fit_preconditioner(store: Store, method: str | None = None, damping: float |
 
 
 def write_scores(out: Path, run: Path, store: Store, method: str, damping: float | None,
-                 query: list[torch.Tensor], query_ids: list[str], top_k: int, meta: dict[str, Any]) -> dict[str, Any]:
+                 query: list[torch.Tensor], query_ids: list[str], top_k: int, meta: dict[str, Any],
+                 query_span: str | None = None, per_token: bool = False) -> dict[str, Any]:
     """Score query gradients (`query[c]`: `[Q, d]` at checkpoint c) against the store's training gradients into
-    `out`: scores.safetensors (float32 `[Q, N]`), ids.json, topk.md, scores.json. Returns figures and a text table."""
+    `out`: scores.safetensors (float32 `[Q, N]`), ids.json, topk.md, scores.json. Returns figures and a text table.
+    `query_span`: the measurement the query gradients are of; `per_token`: one row per query token."""
     manifest = store.manifest
     precond = fit_preconditioner(store, method, damping)
     checkpoints = manifest.get("checkpoints") or [None]
@@ -209,12 +212,17 @@ def write_scores(out: Path, run: Path, store: Store, method: str, damping: float
     def fill(array) -> None:
         score_inner_products(q, chunks, n_train=len(train_ids), out=array)
 
-    tag = method if damping is None else f"{method}-damping{damping:g}"
-    title = f"{method} top-{top_k} ({f'projection rank {rank}' if rank else 'exact gradients'})"
+    tag = (method if damping is None else f"{method}-damping{damping:g}") + spans.span_tag(query_span)
+    tag += "-tokens" if per_token else ""
+    measured = {} if spans.is_whole(query_span) else {"query_span": query_span}
+    measured.update({"per_token": True} if per_token else {})
+    title = f"{method} top-{top_k} ({f'projection rank {rank}' if rank else 'exact gradients'}" + (
+        f"; query span {query_span!r}" if "query_span" in measured else "") + ("; per token" if per_token else "") + ")"
     return write_scoring(out, tag=tag, query_ids=query_ids, train_ids=train_ids, fill=fill, texts_from=run,
-                         title=title, top_k=top_k, metadata={"method": method, "projection_rank": rank},
+                         title=title, top_k=top_k, metadata={"method": method, "projection_rank": rank, **measured},
                          info={"method": method, "damping": damping, "projection_rank": rank,
-                               "dim": manifest["shapes"]["train_gradients"][1], **meta})
+                               "dim": manifest["shapes"]["train_gradients"][1], **measured, **meta},
+                         queries=None if per_token else spans.marked_queries(run_input(out, "query"), query_span))
 
 
 @locked("gradient scoring", dir_arg="run")
@@ -231,10 +239,18 @@ def score_run(run: str | Path, *, method: str | None = None, damping: float | No
     manifest = _check_complete(store)
     query = [query_gradients(store, c) for c in range(len(manifest.get("checkpoints") or [None]))]
     return write_scores(run, run, store, method or manifest["config"]["method"], damping, query,
-                        manifest["ids"]["query"], top_k, {"run": str(run)})
+                        manifest["ids"]["query"], top_k, {"run": str(run)},
+                        query_span=manifest["config"].get("query_span"))
 
 
-def score_cli(run: str | Path, *, top_k: int = 10, method: str | None = None,
-              damping: float | None = None) -> dict[str, Any]:
-    """`llm-attr score RUN [--method M] [--damping D]` of a gradient store (`score_run`)."""
+def score_cli(run: str | Path, *, top_k: int = 10, method: str | None = None, damping: float | None = None,
+              query_span: str | None = None, per_token: bool = False) -> dict[str, Any]:
+    """`llm-attr score RUN [--method M] [--damping D]` of a gradient store (`score_run`). A gradient store holds
+    the query gradients of one measurement: another (`--query-span`, `--per-token`) is refused in one line."""
+    own = Store.open(run, METHOD).manifest["config"].get("query_span", spans.RESPONSE)
+    if per_token or (query_span is not None and query_span != own):
+        raise ConfigError(f"{run}: a gradient store holds its queries' gradients for query_span {own!r} only; "
+                          "measure another span or per token with `llm-attr query RUN --query "
+                          f"{Path(run) / 'inputs' / 'query.jsonl'} --out NEW --query-span S [--per-token]` "
+                          "(it reuses the stored training gradients)")
     return {**score_run(run, method=method, damping=damping, top_k=top_k), "files": scores_line(run)}

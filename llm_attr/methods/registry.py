@@ -76,12 +76,13 @@ METHODS: dict[str, MethodEntry] = {
     "daunce": MethodEntry(
         "daunce", "llm-attr daunce", score="llm_attr.methods.daunce_store:score_cli",
         query="llm_attr.methods.daunce_store:query_cli",
-        score_options=("measure", "signal", "perturbations", "self_influence"),
-        query_options=("measure", "signal", "perturbations")),
+        score_options=("measure", "signal", "perturbations", "self_influence", "query_span", "per_token", "query_id"),
+        query_options=("measure", "signal", "perturbations", "query_span")),
     "gradients": MethodEntry(
         "gradients", "llm-attr gradients", score="llm_attr.methods.gradient_store:score_cli",
-        query="llm_attr.methods.gradient_attribution:query_cli", score_options=("method", "damping"),
-        query_options=("method", "damping")),
+        query="llm_attr.methods.gradient_attribution:query_cli",
+        score_options=("method", "damping", "query_span", "per_token"),
+        query_options=("method", "damping", "query_span", "per_token")),
     "further-training": MethodEntry(
         "further-training", "llm-attr further-train", score="llm_attr.methods.further_training:score_cli",
         refused="its scores are the further-training reference itself, for one set of queries; new queries need "

@@ -56,10 +56,15 @@ def write_topk_table(
     indices: np.ndarray,
     train_text: Callable[[int], str] | None = None,
     title: str = "",
+    queries: Sequence[str] | None = None,
 ) -> Path:
-    """Markdown table: query id, rank, train id, score, the training text shortened (one row per hit)."""
-    lines = [f"# {title}" if title else "# Top training examples per query", "",
-             "| query | rank | train id | score | training text |", "|---|---:|---|---:|---|"]
+    """Markdown table: query id, rank, train id, score, the training text shortened (one row per hit);
+    `queries`: lines shown above it (each query's response with its measured span in bold)."""
+    lines = [f"# {title}" if title else "# Top training examples per query", ""]
+    if queries:
+        lines += ["Queries, the measured span of each response in **bold**:", ""]
+        lines += [f"- {q}" for q in queries] + [""]
+    lines += ["| query | rank | train id | score | training text |", "|---|---:|---|---:|---|"]
     for qi, qid in enumerate(query_ids):
         for rank, (v, j) in enumerate(zip(values[qi], indices[qi], strict=True), start=1):
             text = shorten(train_text(int(j))) if train_text else ""
@@ -123,11 +128,13 @@ def publish(src: Path, dst: Path) -> None:
 
 def write_scoring(out: str | Path, *, tag: str, query_ids: Sequence[str], train_ids: Sequence[str],
                   fill: Callable[[np.ndarray], None], texts_from: str | Path, title: str, top_k: int,
-                  info: dict[str, Any], metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+                  info: dict[str, Any], metadata: dict[str, Any] | None = None,
+                  queries: Sequence[str] | None = None) -> dict[str, Any]:
     """Write one scoring into `out`: `fill(array)` writes the float32 `[Q, N]` scores into a memory-mapped file.
 
     Files: `scorings/<tag>/{scores.safetensors, topk.md, scores.json}`, published at the top of `out`, and
-    `ids.json`. `texts_from`: the run whose training records the top-k table quotes. Returns `info` with the
+    `ids.json`. `texts_from`: the run whose training records the top-k table quotes; `queries`: lines above the
+    table (the queries with their measured spans marked). Returns `info` with the
     seconds, the files and a plain-text table (`table`).
     """
     out = Path(out)
@@ -143,7 +150,8 @@ def write_scoring(out: str | Path, *, tag: str, query_ids: Sequence[str], train_
     sf.commit()
     write_ids(out / "ids.json", query_ids, train_ids)
     texts = train_texts(texts_from, set(indices.ravel().tolist()))
-    write_topk_table(folder / "topk.md", query_ids, train_ids, values, indices, texts.get, title=title)
+    write_topk_table(folder / "topk.md", query_ids, train_ids, values, indices, texts.get, title=title,
+                     queries=queries)
     info = {**info, "top_k": top_k, "seconds": round(time.time() - t0, 3), "scoring": tag,
             "files": str(folder)}
     atomic_write_json(folder / "scores.json", info)
