@@ -257,6 +257,7 @@ def _add_evaluation_parsers(sub) -> None:
                        "(config: llm_attr.evaluation.retrain.RetrainConfig; --set from=base|final)")
     _add_featurize_args(p, "the target run dir (from=base: its base and finetune config)",
                         "store directory; re-run to resume")
+    _add_query_span_arg(p)
     _add_config_args(p, "llm_attr.evaluation.retrain:RetrainConfig")
 
     p = sub.add_parser("eval", help="evaluate attribution scores: lds, compare, backdoor, removal")
@@ -499,7 +500,7 @@ def _retrain(args: argparse.Namespace) -> None:
     from .config import load_config
     from .evaluation.retrain import RetrainConfig, alias_overrides, retrain
 
-    config = load_config(RetrainConfig, args.config, alias_overrides(args.overrides))
+    config = _with_query_span(load_config(RetrainConfig, args.config, alias_overrides(args.overrides)), args)
     out = retrain(args.model, args.train, args.query, args.out, config, overwrite=args.overwrite)
     if _is_main_process():
         print(f"ground truth: {out}")

@@ -1,5 +1,7 @@
 """Black-box Daunce: the `openai` backend over real HTTP against a fake service backed by the local backend.
 
+(Spans through black-box Daunce, against white-box span losses: tests/test_spans.py.)
+
 One fake server (tests/fake_openai_server.py) serves the whole module; jobs train builtin:tiny on 40 records.
 """
 
@@ -99,8 +101,11 @@ def test_openai_backend_over_http_matches_local_backend(service, task, tiny_mode
         a = load_file(str(remote / "shards" / f"perturbation-{k:05d}.safetensors"))
         b = load_file(str(local / "shards" / f"perturbation-{k:05d}.safetensors"))
         assert torch.equal(a["subset"], b["subset"])
-        for key in ("train_loss", "query_loss", "train_margin", "query_margin"):
+        for key in ("train_loss", "query_loss", "train_margin", "query_margin", "query_token_loss",
+                    "query_token_margin"):  # per-token query rows too: the echo's tokens are the local ones
             torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=1e-5)
+    a, b = (load_file(str(run / "shards" / "query-tokens.safetensors")) for run in (remote, local))
+    assert torch.equal(a["chars"], b["chars"]) and torch.equal(a["offsets"], b["offsets"])  # same characters
     scores_remote = load_file(str(remote / "scores.safetensors"))["scores"]
     scores_local = load_file(str(local / "scores.safetensors"))["scores"]
     assert scores_remote.shape == (4, 40)

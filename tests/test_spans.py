@@ -24,7 +24,7 @@ from llm_attr.data import spans
 from llm_attr.data.backdoor import make_backdoor_task
 from llm_attr.data.math_task import make_math
 from llm_attr.data.records import as_records, save_jsonl
-from llm_attr.data.tokenize import tokenize_records
+from llm_attr.data.tokenize import pad_id_of, tokenize_records
 from llm_attr.errors import DataError
 from llm_attr.methods.daunce import Daunce, DaunceConfig
 from llm_attr.methods.daunce_store import score_run
@@ -264,3 +264,116 @@ def test_further_training_measures_the_span_and_compare_refuses_mixed_measuremen
         compare_with_reference(ref, [daunce_run])
     score_run(daunce_run, measure="cov", signal="loss", query_span="metadata")
     assert compare_with_reference(ref, [daunce_run])["n_left_out"] == 2
+
+
+# ---------------------------------------------------------------- LDS with a span
+
+
+def _plain_span_losses(model, tokenizer, records, max_length: int = 64) -> list[float]:
+    """Independent truth: mean NLL of each query's `metadata.span` tokens by a plain forward pass, the tokens
+    chosen from the tokenizer's own offsets of the response text (no `data.spans`, no `losses`)."""
+    out = []
+    for record, example in zip(records, tokenize_records(records, tokenizer, max_length)[0], strict=True):
+        text, (start, end) = record.response_text(), record.metadata["span"]
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        ids = torch.as_tensor(np.asarray(example.input_ids, dtype=np.int64))[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        positions = np.flatnonzero(np.asarray(example.labels) != -100)  # the response tokens, in order
+        nll = [-logp[p - 1, int(example.input_ids[p])].item() for p, (a, b)
+               in zip(positions[:len(offsets)], offsets, strict=True) if a < end and b > start and b > a]
+        out.append(float(np.mean(nll)))
+    return out
+
+
+def test_retrain_with_a_span_records_the_span_loss_and_lds_takes_span_scores(daunce_run, task, tmp_path, capsys):
+    from llm_attr.errors import RunDirError
+    from llm_attr.evaluation.compare import evaluate_lds
+    from llm_attr.evaluation.retrain import (
+        RetrainConfig,
+        Retrainer,
+        featurize_config,
+        load_ground_truth,
+        subset_mask,
+    )
+
+    gt = tmp_path / "gt"
+    assert main(["retrain", "--model", "builtin:tiny", "--train", str(task.train), "--query", str(task.query),
+                 "--out", str(gt), "--query-span", "metadata", "--set", "from=final", "--set", "subsets=2",
+                 "--set", "max_steps=3", "--set", "batch_size=8", "--set", "max_length=64",
+                 "--set", "learning_rate=1e-2", "--set", "lora.rank=2"]) == 0
+    manifest = Store.open(gt).manifest
+    assert manifest["measurement"] == {"query_span": "metadata", "per_token": False}
+    truth = load_ground_truth(gt)
+    assert truth["query_span"] == "metadata"
+    # query by query, the recorded loss is the span's NLL under the retrained model, computed directly
+    cfg = RetrainConfig(**{k: v for k, v in manifest["config"].items() if k != "lora"}, lora=LoraArgs(rank=2))
+    records = as_records(str(task.query))
+    retrainer = Retrainer("builtin:tiny", as_records(str(task.train)), "final", cfg, cfg.lora)
+    for m in range(2):
+        retrainer.fit(subset_mask(0, m, len(task.part), 0.5).nonzero().squeeze(1).tolist(), seed=1000 * m)
+        direct = _plain_span_losses(retrainer.model, retrainer.tokenizer, records)
+        np.testing.assert_allclose(truth["outcomes"][m], direct, rtol=1e-4, atol=1e-5)
+        assert not np.allclose(truth["outcomes"][m], retrainer.losses(records).numpy(), atol=1e-3)  # not whole
+    retrainer.close()
+    # a whole-response retrain keeps its fingerprint (no query_span key); a span changes it
+    assert "query_span" not in featurize_config(RetrainConfig())
+    assert featurize_config(RetrainConfig(query_span="metadata"))["query_span"] == "metadata"
+    # eval lds takes scores of the ground truth's measurement and refuses another in one line naming both
+    score_run(daunce_run, measure="cov", signal="loss", query_span="metadata")
+    result = evaluate_lds(gt, [daunce_run], n_bootstrap=20)
+    assert result["query_span"] == "metadata" and len(result["methods"]) == 1
+    score_run(daunce_run, measure="cov", signal="loss", query_span="response")
+    with pytest.raises(RunDirError, match=r"on 'response' but the LDS ground truth .* on 'metadata'"):
+        evaluate_lds(gt, [daunce_run], n_bootstrap=20)
+    assert main(["eval", "lds", "--ground-truth", str(gt), "--scores", str(daunce_run)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- black-box Daunce with a span
+
+
+def test_blackbox_daunce_span_equals_the_span_loss_of_each_job_model(task, tmp_path):
+    from llm_attr.backends.local import LocalBackend
+    from llm_attr.errors import ConfigError
+    from llm_attr.losses import evaluate_signal
+    from llm_attr.methods.blackbox import BlackBoxConfig, BlackBoxDaunce
+    from llm_attr.methods.daunce_tokens import span_rows
+
+    cfg = BlackBoxConfig(perturbations=8, epochs=1, batch_size=8, learning_rate=1e-2, subsample_ratio=0.5,
+                         measure="cov", signal="loss", query_span="metadata")
+    cfg.local.max_length, cfg.local.lora = 64, LoraArgs(rank=4, alpha=8.0)
+    backend = LocalBackend(cfg.local)
+    out = BlackBoxDaunce(cfg, backend).run("builtin:tiny", task.train, task.query, tmp_path / "bb")
+    info = json.loads((out / "scores.json").read_text())
+    assert info["query_span"] == "metadata"
+    store = Store.open(out)
+    assert store.manifest["measurement"] == {"query_span": "metadata", "per_token": True}
+    rows = {s: span_rows(out, store, 8, s, "metadata") for s in ("loss", "margin")}  # [K, Q]
+    records = as_records(str(task.query))
+    for k in (0, 5):
+        model_id = store.manifest["jobs"][str(k)]["model_id"]
+        with backend.use_model(model_id) as (model, tokenizer):
+            np.testing.assert_allclose(rows["loss"][k].numpy(), _plain_span_losses(model, tokenizer, records),
+                                       rtol=1e-4, atol=1e-5)
+            examples, _ = tokenize_records(records, tokenizer, 64)
+            span_ex = spans.span_examples(records, examples, tokenizer, "metadata")
+            pad = pad_id_of(tokenizer)
+            white = evaluate_signal(model, list(span_ex), pad, signal=("loss", "margin"))  # white-box span losses
+            whole = evaluate_signal(model, list(examples), pad, signal="loss")
+        for s in ("loss", "margin"):
+            torch.testing.assert_close(rows[s][k], white[s], rtol=1e-5, atol=1e-6)
+        shard = store.read_shard(f"perturbation-{k:05d}")
+        torch.testing.assert_close(shard["query_loss"], whole, rtol=1e-5, atol=1e-6)  # whole-response rows too
+    # the span's scores rank subset 1 (which teaches part 1) first; rescored on part 2 the order turns
+    part1 = auc_part1(_scores(out), task.part)
+    score_run(out, measure="cov", signal="loss", query_span=PART2)
+    part2 = auc_part1(_scores(out), task.part)
+    assert part1 > 0.9 and part2 < 0.5, (part1, part2)
+
+    class NoTokens(LocalBackend):
+        name, token_logprobs = "no-tokens", False
+
+    with pytest.raises(ConfigError, match="the no-tokens backend gives no per-token log-probabilities") as e:
+        BlackBoxDaunce(cfg, NoTokens(cfg.local)).run("builtin:tiny", task.train, task.query, tmp_path / "nt")
+    assert "\n" not in str(e.value) and not (tmp_path / "nt" / "manifest.json").exists()

@@ -6,6 +6,14 @@ Black-box Daunce (`llm_attr.methods.blackbox`) needs nothing else from a model p
     wait(job_id) -> model_id                                                                      (blocks)
     response_signals(model_id, records) -> {"loss": [N] float32, "margin": [N] float32 (if it can)}
 
+and, where the service gives each token's log-probability with its characters (`token_logprobs = True`),
+
+    response_token_logprobs(model_id, records) -> [TokenLogprobs(logprobs [R_i] float32, chars [R_i, 2] int32)]
+
+the log-probability of every response token and the characters `[start, end)` of the record's response text it
+covers (`(n, n)` for none: EOS, end of turn), as `data.spans.token_chars` gives them: what a query span needs
+(`--query-span`: the span's mean token loss). A backend without it refuses spans in one line naming itself.
+
 `response_logprobs(model_id, records)` is the protocol's minimal form: `[N]` float32, the mean NLL (nats) over each
 record's response tokens. `margin` is the mean log-odds of the correct response token, log p − log(1 − p), which
 needs only each response token's own log-probability, so any backend that returns per-token log-probabilities can
@@ -27,8 +35,9 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from ..data.records import Record
@@ -54,6 +63,14 @@ class CostNotConfirmed(LlmAttrError):
     """The cost estimate of paid jobs was not confirmed (answer no, or no terminal and no `--yes`)."""
 
 
+class TokenLogprobs(NamedTuple):
+    """One record's response tokens: `logprobs [R]` float32 (nats) and `chars [R, 2]` int32, the characters of the
+    response text each token covers (`(n, n)` for a token with none)."""
+
+    logprobs: torch.Tensor
+    chars: np.ndarray
+
+
 class Backend(ABC):
     """A provider of fine-tuning jobs and response log-probabilities. Subclass it to plug in your own service."""
 
@@ -63,6 +80,8 @@ class Backend(ABC):
     paid: bool = False
     #: The per-example signals `response_signals` returns (always "loss"; "margin" where per-token log-probs exist).
     signals: tuple[str, ...] = ("loss",)
+    #: True when `response_token_logprobs` gives each response token's log-prob and characters (spans need it).
+    token_logprobs: bool = False
 
     def prepare(self, run_dir: Path) -> None:
         """Called once before any job with the run directory, where the backend may keep files (default: nothing)."""
@@ -102,6 +121,12 @@ class Backend(ABC):
         """`{signal: [N] float32}` for `self.signals`: `loss` is the mean NLL (nats) over each record's response
         tokens under model `model_id`, `margin` the mean log-odds of the correct response token."""
 
+    def response_token_logprobs(self, model_id: str, records: Sequence[Record]) -> list[TokenLogprobs]:
+        """Each record's response-token log-probabilities and their characters (see the module docstring);
+        default: refused in one line (the backend gives no per-token log-probabilities)."""
+        raise BackendError(f"the {self.name} backend gives no per-token log-probabilities of a response (with the "
+                           "characters of each token), which a query span needs")
+
     def response_logprobs(self, model_id: str, records: Sequence[Record]) -> torch.Tensor:
         """`[N]` float32: mean NLL (nats) over each record's response tokens (the protocol's minimal call)."""
         return self.response_signals(model_id, records)["loss"]
@@ -120,20 +145,27 @@ def estimate_tokens(record: Record) -> int:
     return max(1, math.ceil(chars / CHARS_PER_TOKEN))
 
 
-def signals_from_token_logprobs(token_logprobs: Sequence[Sequence[float]]) -> dict[str, torch.Tensor]:
-    """`{"loss": [N], "margin": [N]}` float32 from each record's response-token log-probabilities (nats).
+def token_signals(logprobs: Sequence[float] | torch.Tensor) -> dict[str, torch.Tensor]:
+    """`{"loss": [R], "margin": [R]}` float32: each token's NLL and log-odds log p − log(1 − p) from its log-prob.
 
     Same arithmetic as `llm_attr.losses` (float32, log p clamped to ≤ −1e−6 for the margin), so a backend that
-    returns the log-probs of the local model reproduces the local losses.
+    returns the log-probs of the local model reproduces the local per-token signals.
     """
+    logp = torch.as_tensor(logprobs if isinstance(logprobs, torch.Tensor) else list(logprobs), dtype=torch.float32)
+    clamped = logp.clamp(max=-1e-6)
+    return {"loss": -logp, "margin": clamped - torch.log(-torch.expm1(clamped))}
+
+
+def signals_from_token_logprobs(token_logprobs: Sequence[Sequence[float] | torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`{"loss": [N], "margin": [N]}` float32 from each record's response-token log-probabilities (nats): the
+    means of `token_signals` (a span's signal when given the span's tokens only)."""
     losses, margins = [], []
     for i, values in enumerate(token_logprobs):
         if len(values) == 0:
             raise BackendError(f"record {i}: no response-token log-probabilities to average")
-        logp = torch.tensor(list(values), dtype=torch.float32)
-        losses.append((-logp).sum() / len(values))
-        clamped = logp.clamp(max=-1e-6)
-        margins.append((clamped - torch.log(-torch.expm1(clamped))).sum() / len(values))
+        per_token = token_signals(values)
+        losses.append(per_token["loss"].sum() / len(values))
+        margins.append(per_token["margin"].sum() / len(values))
     return {"loss": torch.stack(losses), "margin": torch.stack(margins)}
 
 

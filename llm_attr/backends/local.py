@@ -27,7 +27,7 @@ from ..data.tokenize import pad_id_of, token_lengths, tokenize_records
 from ..errors import ConfigError, ModelError
 from ..io import atomic_write_json, fingerprint
 from ..models.lora import LoraArgs
-from .base import Backend, BackendError
+from .base import Backend, BackendError, TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class LocalBackend(Backend):
     name = "local"
     paid = False
     signals = SIGNALS
+    token_logprobs = True
 
     def __init__(self, args: LocalBackendArgs | None = None, work_dir: str | Path | None = None,
                  device: torch.device | str | None = None):
@@ -163,6 +164,20 @@ class LocalBackend(Backend):
             examples, _ = tokenize_records(records, tokenizer, self.args.max_length, source="records")
             return evaluate_signal(model, examples, pad_id_of(tokenizer), batch_size=self.args.eval_batch_size,
                                    signal=SIGNALS)
+
+    def response_token_logprobs(self, model_id: str, records: Sequence[Record]) -> list[TokenLogprobs]:
+        """Each record's response-token log-probs (the project's own per-token NLL, negated) and the characters
+        of its response text each token covers (`data.spans.token_chars`, as white-box Daunce maps them)."""
+        from ..data import spans
+        from ..losses import evaluate_token_signals
+
+        records = as_records(list(records))
+        with self.use_model(model_id) as (model, tokenizer):
+            examples, _ = tokenize_records(records, tokenizer, self.args.max_length, source="records")
+            nll = evaluate_token_signals(model, examples, pad_id_of(tokenizer), batch_size=self.args.eval_batch_size,
+                                         signals=("loss",))["loss"]
+            chars = spans.query_token_chars(records, examples, tokenizer)
+        return [TokenLogprobs(-v, c) for v, c in zip(nll, chars, strict=True)]
 
     def count_tokens(self, base_model_id: str, records: Sequence[Record]) -> tuple[list[int], bool]:
         with self._lock:

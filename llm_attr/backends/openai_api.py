@@ -18,7 +18,9 @@ Works with OpenAI and OpenAI-compatible services (base URL and key from `OPENAI_
   without one); the response tokens are those whose offset lies within the response's characters. This needs a
   service that still offers echo with log-probs on the completions endpoint (vLLM and most OpenAI-compatible
   servers do; OpenAI's hosted chat models do not, so for them no fixed-response log-probs exist and this backend
-  reports the service's error). Both signals come from it: `loss` (mean NLL) and `margin` (mean log-odds).
+  reports the service's error). Both signals come from it: `loss` (mean NLL) and `margin` (mean log-odds); and,
+  from the same offsets, each response token's characters in the response text (`response_token_logprobs`), so
+  black-box Daunce measures a query span (`--query-span`) through this backend too.
 - Retries: the client retries 429 and 5xx responses and connection errors `max_retries` times with exponential
   back-off (honouring `Retry-After`); what still fails is raised as `BackendError` naming the call and the job.
 """
@@ -33,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..data.records import Record
@@ -44,6 +47,7 @@ from .base import (
     BackendError,
     JobFailedError,
     JobTimeoutError,
+    TokenLogprobs,
     chat_jsonl,
     signals_from_token_logprobs,
 )
@@ -134,6 +138,7 @@ class OpenAIBackend(Backend):
     name = "openai"
     paid = True
     signals = ("loss", "margin")
+    token_logprobs = True
 
     def __init__(self, args: OpenAIBackendArgs | None = None, *, client: Any = None,
                  sleep: Callable[[float], None] = time.sleep):
@@ -253,9 +258,13 @@ class OpenAIBackend(Backend):
             interval = min(interval * 1.5, self.args.max_poll_interval)
 
     def response_signals(self, model_id: str, records: Sequence[Record]) -> dict[str, torch.Tensor]:
+        return signals_from_token_logprobs([t.logprobs for t in self.response_token_logprobs(model_id, records)])
+
+    def response_token_logprobs(self, model_id: str, records: Sequence[Record]) -> list[TokenLogprobs]:
+        """Echo log-probs of each record's response tokens, with the response characters each covers."""
         records = list(records)
         rendered = [self.renderer.render(r) for r in records]
-        per_record: list[list[float]] = []
+        per_record: list[TokenLogprobs] = []
         bs = self.args.score_batch_size
         batches = [range(i, min(i + bs, len(records))) for i in range(0, len(records), bs)]
         for batch in progress(batches, desc=f"log-probs {model_id}", disable=len(batches) < 4):
@@ -269,24 +278,37 @@ class OpenAIBackend(Backend):
             if len(choices) != len(texts):
                 raise BackendError(f"completions under {model_id}: {len(choices)} choices for {len(texts)} prompts")
             for i, choice in zip(batch, choices, strict=True):
-                per_record.append(_response_logprobs(choice, *rendered[i], records[i].id, model_id))
-        return signals_from_token_logprobs(per_record)
+                per_record.append(_response_logprobs(choice, *rendered[i], records[i], model_id))
+        return per_record
 
     def count_tokens(self, base_model_id: str, records: Sequence[Record]) -> tuple[list[int], bool]:
         return [self.renderer.count(r) for r in records], self.renderer.tokenizer is not None
 
 
-def _response_logprobs(choice: Any, prompt: str, full: str, record_id: str, model_id: str) -> list[float]:
-    """Log-probs of the tokens that start inside the response's characters `[len(prompt), len(full))`."""
+def _response_logprobs(choice: Any, prompt: str, full: str, record: Record, model_id: str) -> TokenLogprobs:
+    """Log-probs of the tokens that start inside the response's characters `[len(prompt), len(full))`, and the
+    characters of the response text each covers (up to the next token's offset; `(n, n)` for none)."""
     lp = choice.logprobs
     if lp is None or lp.token_logprobs is None or lp.text_offset is None:
-        raise BackendError(f"record {record_id}: the service returned no echo log-probs under {model_id} "
+        raise BackendError(f"record {record.id}: the service returned no echo log-probs under {model_id} "
                            "(it must support echo=True with logprobs on the completions endpoint)")
-    values = [v for off, v in zip(lp.text_offset, lp.token_logprobs, strict=True)
+    offsets = [int(o) for o in lp.text_offset]
+    picked = [i for i, (off, v) in enumerate(zip(offsets, lp.token_logprobs, strict=True))
               if len(prompt) <= off < len(full) and v is not None]
-    if not values:
-        raise BackendError(f"record {record_id}: no response token in the echoed log-probs under {model_id}")
-    return values
+    if not picked:
+        raise BackendError(f"record {record.id}: no response token in the echoed log-probs under {model_id}")
+    text = record.response_text()
+    base = full.find(text, len(prompt))
+    n = len(text)
+    chars = np.full((len(picked), 2), n, dtype=np.int32)
+    if base >= 0:  # (else no token has characters: a span of this record is then refused as empty)
+        for row, i in enumerate(picked):
+            end = min(offsets[i + 1] if i + 1 < len(offsets) else len(full), len(full))
+            lo, hi = min(max(offsets[i] - base, 0), n), min(max(end - base, 0), n)
+            if hi > lo:
+                chars[row] = (lo, hi)
+    values = torch.tensor([float(lp.token_logprobs[i]) for i in picked], dtype=torch.float32)
+    return TokenLogprobs(values, chars)
 
 
 def _message(e: Exception) -> str:

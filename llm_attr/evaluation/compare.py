@@ -162,17 +162,19 @@ def evaluate_lds(ground_truth: str | Path, runs: list[str | Path], *, n_bootstra
                  seed: int = 0) -> dict[str, Any]:
     """LDS of each run's scores against a `llm-attr retrain` store, plus a random-score baseline.
 
-    Scores are aligned to the store's query and train ids. Returns `{"methods": {name: lds dict}, "random": ...}`.
+    Scores are aligned to the store's query and train ids; each run's scores must measure the queries as the
+    store's losses do (its `query_span`), else `RunDirError` naming both.
+    Returns `{"methods": {name: lds dict}, "random": ...}`.
     """
     from .metrics import lds
     from .retrain import load_ground_truth
 
     gt = load_ground_truth(ground_truth)
     out: dict[str, Any] = {"ground_truth": str(ground_truth), "subsets": int(gt["masks"].shape[0]),
-                           "n_query": len(gt["query_ids"]), "n_train": len(gt["train_ids"]), "methods": {}}
-    for run in runs:  # `llm-attr retrain` records whole-response losses only
-        _same_measurement(run, ground_truth, "response", "LDS ground truth (whole responses: a span's LDS needs a "
-                          "retrain store measured on the span, which `llm-attr retrain` does not record yet)")
+                           "n_query": len(gt["query_ids"]), "n_train": len(gt["train_ids"]),
+                           "query_span": gt["query_span"], "methods": {}}
+    for run in runs:  # the retrained losses are of one measurement (`llm-attr retrain --query-span`)
+        _same_measurement(run, ground_truth, gt["query_span"], "LDS ground truth")
         scores = load_scores(run)
         values = scores.aligned(gt["query_ids"], gt["train_ids"])
         out["methods"][scores.name] = {"run": str(run), **lds(values, gt["masks"], gt["outcomes"],

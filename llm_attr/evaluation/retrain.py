@@ -5,6 +5,8 @@
 `start: final` further-trains the merged final model with this config's optimisation settings.
 `retrain` runs M random subsets (fraction α, `seeds_per_subset` seeds each) into a store, one shard per
 (subset, seed) holding the kept mask and every query's loss; split over accelerate processes and resumable.
+With `query_span` the recorded loss is the span's (`data.spans`: the query's labels kept on the span's tokens),
+the measurement is in the manifest, and `eval lds` compares it with scores of the same measurement only.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 from .. import pipeline
 from ..config import load_config, to_dict
+from ..data import spans
 from ..data.records import Record, as_records
 from ..data.tokenize import pad_id_of, tokenize_records
 from ..errors import ConfigError, RunDirError
@@ -53,10 +56,12 @@ class RetrainConfig(TrainingArgs):
     scheduler: Literal["cosine", "constant"] = field(default="cosine", metadata={"help": "learning-rate schedule of the retrains (start: final)"})
     lora: LoraArgs = field(default_factory=LoraArgs, metadata={"help": "start: final only (start: base uses the target's)"})
     eval_batch_size: int = field(default=64, metadata={"help": "batch size of the query-loss evaluation"})
+    query_span: str = field(default=spans.RESPONSE, metadata={"help": "the recorded query losses': " + spans.HELP})
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        spans.check_span(self.query_span)
         if not 0 < self.fraction < 1:
             raise ValueError(f"fraction must be in (0, 1), got {self.fraction}")
         if self.subsets < 2:
@@ -79,6 +84,14 @@ def subset_mask(seed: int, m: int, n: int, fraction: float) -> torch.Tensor:
 
 def shard_name(m: int, s: int) -> str:
     return f"subset_{m}_s{s}"
+
+
+def featurize_config(cfg: RetrainConfig) -> dict[str, Any]:
+    """The fingerprinted keys (`query_span` only when it is a span: older stores keep their fingerprint)."""
+    out = {k: v for k, v in to_dict(cfg).items() if k not in SHARD_NEUTRAL_KEYS}
+    if spans.is_whole(out.get("query_span")):
+        out.pop("query_span", None)
+    return out
 
 
 class Retrainer:
@@ -132,9 +145,16 @@ class Retrainer:
                        data_parallel=False, optimizer=self.optimizer, scheduler=self.scheduler, desc=desc)
         return result.final_loss
 
-    def losses(self, records: list[Record], batch_size: int = 64) -> torch.Tensor:
-        """`[len(records)]` float32: mean response NLL of each record under the current model."""
-        examples, _ = tokenize_records(records, self.tokenizer, self.args.max_length, source="query")
+    def query_examples(self, records: list[Record], query_span: str | None = None, source: str = "query"):
+        """`records` tokenized, labelled on measurement `query_span` (`data.spans.span_examples`; the whole
+        response by default). `DataError` naming the record when a query has no span."""
+        examples, _ = tokenize_records(records, self.tokenizer, self.args.max_length, source=source)
+        return spans.span_examples(records, examples, self.tokenizer, query_span, source)
+
+    def losses(self, records: list[Record], batch_size: int = 64, query_span: str | None = None) -> torch.Tensor:
+        """`[len(records)]` float32: mean NLL of each record's response (or its `query_span`: the span's tokens
+        only) under the current model."""
+        examples = self.query_examples(records, query_span)
         new = [e for e in examples if e.id not in self._cached_queries]
         if self.cache is not None and new:
             self.cache.add(new, self.pad_id, batch_size=batch_size, autocast=self._autocast)
@@ -155,23 +175,26 @@ def retrain(target: str, train: str | Path | list, query: str | Path | list, out
     out = Path(out)
     train_records, query_records = as_records(train), as_records(query)
     model_fp = model_fingerprint(target)
-    fp, parts = pipeline.run_fingerprint(METHOD, model_fp, train_records, query_records,
-                                {k: v for k, v in to_dict(cfg).items() if k not in SHARD_NEUTRAL_KEYS})
+    fp, parts = pipeline.run_fingerprint(METHOD, model_fp, train_records, query_records, featurize_config(cfg))
     header = {"config": to_dict(cfg), "model": {"spec": canonical_spec(target), "fingerprint": model_fp},
               "ids": {"train": [r.id for r in train_records], "query": [r.id for r in query_records]},
-              "shapes": {"query_loss": [len(query_records)], "mask": [len(train_records)]}, "dtype": "float32"}
+              "shapes": {"query_loss": [len(query_records)], "mask": [len(train_records)]}, "dtype": "float32",
+              "measurement": {"query_span": cfg.query_span, "per_token": False}}
     store = pipeline.open_store(out, method=METHOD, fingerprint=fp, parts=parts, header=header, state=state,
                        inputs={"train": train, "query": query, "model": target}, train=train_records,
                        query=query_records, overwrite=overwrite, outputs=("train.jsonl", "query.jsonl"))
     runs = [(m, s) for m in range(cfg.subsets) for s in range(cfg.seeds_per_subset)]
     todo = pipeline.todo(store, pipeline.my_share(runs, state), lambda r: shard_name(*r))
     logger.info("retraining on random %g-fractions of the %d training examples (%s start) and recording the loss of "
-                "%d queries; process %d/%d: %s", cfg.fraction, len(train_records), cfg.start, len(query_records),
+                "%d queries%s; process %d/%d: %s", cfg.fraction, len(train_records), cfg.start, len(query_records),
+                "" if spans.is_whole(cfg.query_span) else f" on --query-span {cfg.query_span!r}",
                 state.process_index, state.num_processes,
                 pipeline.work_summary("retrains", len(todo), len(pipeline.my_share(runs, state)), len(runs)))
     if todo:
         retrainer = Retrainer(target, train_records, cfg.start, cfg, cfg.lora, optimizer=cfg.optimizer,
                               scheduler=cfg.scheduler, dtype=cfg.dtype, device=accelerator.device)
+        source = str(query) if isinstance(query, (str, Path)) else "query"
+        retrainer.query_examples(query_records, cfg.query_span, source)  # a query without its span stops here
         n = len(train_records)
         overall = Overall(len(runs), "retrain", done=len(runs) - len(todo), log=logger)
         for m, s in todo:
@@ -179,7 +202,7 @@ def retrain(target: str, train: str | Path | list, query: str | Path | list, out
             mask = subset_mask(cfg.seed, m, n, cfg.fraction)
             final = retrainer.fit(mask.nonzero().squeeze(1).tolist(), seed=1_000_003 * cfg.seed + 1000 * m + s,
                                   accelerator=accelerator, desc=f"retrain {shard_name(m, s)}")
-            losses = retrainer.losses(query_records, cfg.eval_batch_size)
+            losses = retrainer.losses(query_records, cfg.eval_batch_size, query_span=cfg.query_span)
             store.write_shard(shard_name(m, s), {"query_loss": losses, "mask": mask},
                               meta={"subset": m, "seed": s, "final_loss": final, "seconds": round(time.time() - t0, 3)})
             logger.debug("%s: final loss %.4g, mean query loss %.4g, %.1fs", shard_name(m, s), final,
@@ -192,7 +215,8 @@ def retrain(target: str, train: str | Path | list, query: str | Path | list, out
 
 
 def load_ground_truth(path: str | Path) -> dict[str, Any]:
-    """`masks [M, N]` bool and `outcomes [M, Q]` float64 (query loss, mean over the seeds of each subset), ids."""
+    """`masks [M, N]` bool and `outcomes [M, Q]` float64 (query loss, mean over the seeds of each subset), ids,
+    and `query_span`: the measurement of the losses (`response` for the whole response, and for older stores)."""
     store = Store.open(path, METHOD)
     manifest = store.manifest
     if not manifest.get("complete"):
@@ -204,4 +228,4 @@ def load_ground_truth(path: str | Path) -> dict[str, Any]:
         masks.append(shards[0]["mask"].numpy())
         outcomes.append(torch.stack([sh["query_loss"].double() for sh in shards]).mean(0).numpy())
     return {"masks": np.stack(masks), "outcomes": np.stack(outcomes), "query_ids": manifest["ids"]["query"],
-            "train_ids": manifest["ids"]["train"]}
+            "train_ids": manifest["ids"]["train"], "query_span": cfg.get("query_span") or spans.RESPONSE}

@@ -5,6 +5,10 @@ The run directory is a Daunce store (`llm_attr.store`, method `daunce`, shards `
 `train_loss`, `query_loss`, `train_margin`, `query_margin`, `subset`), so `llm-attr score RUN` (and `--self`) work
 on it unchanged. Its manifest also holds `jobs`: for each k the job id (written atomically right after submission,
 before any waiting), the fine-tuned model id and the state (`submitting` -> `submitted` -> `trained` -> `scored`).
+With a backend that gives per-token log-probabilities (`Backend.token_logprobs`: local, openai) the shards also hold
+each query token's loss and margin and the store the tokens' characters, as white-box Daunce's do
+(`methods.daunce_tokens`): `query_span` (`--query-span`) scores a span (its mean token loss or margin), and
+`llm-attr score RUN --query-span ...` / `--per-token` rescore the store without a job; another backend refuses spans.
 A re-run of the same command waits for recorded jobs and never submits one twice; a job whose submission was
 interrupted before its id was written is looked up by its tag (`Backend.find_job`) before it is submitted again.
 """
@@ -23,23 +27,31 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .. import pipeline
-from ..backends.base import Backend, CostNotConfirmed, JobFailedError
+from ..backends.base import (
+    Backend,
+    CostNotConfirmed,
+    JobFailedError,
+    signals_from_token_logprobs,
+    token_signals,
+)
 from ..backends.local import LocalBackendArgs
 from ..backends.openai_api import OpenAIBackendArgs
 from ..config import to_dict
 from ..context import single_process
+from ..data import spans
 from ..data.records import Record, as_records
 from ..errors import ConfigError, RunDirError
 from ..faults import fault_point
 from ..io import contained_path, run_lock
 from ..store import Store
 from ..utils import Overall
+from . import daunce_tokens
 from .daunce import METHOD, RUN_OUTPUTS, perturbation_plan, score_run, shard_name
 
 logger = logging.getLogger(__name__)
 
 #: Config keys that do not change the shards: a re-run may change them (K may grow: only new jobs run).
-SHARD_NEUTRAL_KEYS = ("perturbations", "measure", "signal", "max_active_jobs", "local", "openai")
+SHARD_NEUTRAL_KEYS = ("perturbations", "measure", "signal", "max_active_jobs", "local", "openai", "query_span")
 
 
 @dataclass
@@ -56,6 +68,8 @@ class BlackBoxConfig:
     seed: int = field(default=0, metadata={"help": "job k draws D_k and its seed from (seed, k)"})
     measure: Literal["cov", "corr"] = field(default="corr", metadata={"help": "score: covariance or correlation"})
     signal: Literal["loss", "margin"] = field(default="margin", metadata={"help": "score: loss or margin rows"})
+    query_span: str = field(default=spans.RESPONSE, metadata={
+        "help": "score (backends with per-token log-probs: local, openai): " + spans.HELP})
     max_active_jobs: int = field(default=0, metadata={"help": "jobs submitted ahead of the one waited on "
                                                                 "(0: all K at once)"})
     local: LocalBackendArgs = field(default_factory=LocalBackendArgs,
@@ -73,6 +87,7 @@ class BlackBoxConfig:
             raise ValueError("epochs and learning_rate must be > 0 and batch_size >= 1")
         if self.seed < 0 or self.max_active_jobs < 0:
             raise ValueError("seed and max_active_jobs must be >= 0")
+        spans.check_span(self.query_span)
 
     def hyperparameters(self) -> dict[str, Any]:
         """What `Backend.submit_finetune` receives (see `llm_attr.backends.base`)."""
@@ -221,11 +236,19 @@ class BlackBoxDaunce:
         if cfg.signal not in backend.signals:
             raise ConfigError(f"signal: {cfg.signal} is not available from the {backend.name} backend "
                               f"(it gives {list(backend.signals)})")
+        source = str(query) if isinstance(query, (str, Path)) else "query"
+        if not spans.is_whole(cfg.query_span):  # checked before any job is submitted
+            if not backend.token_logprobs:
+                raise ConfigError(span_refusal(backend.name))
+            for row, record in enumerate(query_records):
+                spans.char_span(record, cfg.query_span, source, row)
         store = pipeline.open_store(out, method=METHOD, fingerprint=fp, parts=parts, header=header, state=single_process(),
                            inputs={"train": train, "query": query, "model": model}, train=train_records,
                            query=query_records, overwrite=overwrite, outputs=("jobs", *RUN_OUTPUTS))
         if overwrite:
             store.update_manifest(jobs={})
+        per_token = self._per_token_rows(store)
+        store.update_manifest(measurement={"query_span": cfg.query_span, "per_token": per_token})
 
         todo = [k for k in range(cfg.perturbations) if store.missing([shard_name(k)])]
         plans = {k: perturbation_plan(cfg.seed, k, len(train_records), cfg.subsample_ratio) for k in todo}
@@ -275,14 +298,19 @@ class BlackBoxDaunce:
             if entry.get("model_id") != model_id:
                 jobs[str(k)] = entry = {**entry, "model_id": model_id, "state": "trained"}
                 store.update_manifest(jobs=jobs)
-            signals = backend.response_signals(model_id, everything)
-            n = len(train_records)
-            tensors = {f"train_{s}": signals[s][:n].float() for s in backend.signals}
-            tensors.update({f"query_{s}": signals[s][n:].float() for s in backend.signals})
+            if per_token:
+                tensors, chars = self._signals_with_tokens(model_id, train_records, query_records, source)
+            else:
+                signals = backend.response_signals(model_id, everything)
+                n = len(train_records)
+                tensors = {f"train_{s}": signals[s][:n].float() for s in backend.signals}
+                tensors.update({f"query_{s}": signals[s][n:].float() for s in backend.signals})
             tensors["subset"] = plans[k].subset
             store.write_shard(shard_name(k), tensors, meta={
                 "k": k, "seed": [cfg.seed, k], "job_seed": entry["seed"], "job_id": entry["job_id"],
                 "model_id": model_id, "backend": backend.name, "seconds": round(time.time() - t0, 3)})
+            if per_token:
+                daunce_tokens.write_token_layout(store, chars)
             jobs[str(k)] = {**entry, "state": "scored"}
             store.update_manifest(jobs=jobs)
             logger.debug("job %d (%s): signals of %d examples written", k, entry["job_id"], len(everything))
@@ -290,8 +318,40 @@ class BlackBoxDaunce:
         overall.close()
 
         pipeline.finish(store, [shard_name(k) for k in range(cfg.perturbations)], single_process(), "jobs")
-        self.scores = score_run(out, measure=cfg.measure, signal=cfg.signal, top_k=top_k) if score else None
+        self.scores = score_run(out, measure=cfg.measure, signal=cfg.signal, top_k=top_k,
+                                query_span=cfg.query_span) if score else None
         return out
+
+    def _per_token_rows(self, store: Store) -> bool:
+        """Whether this run's shards hold per-token query rows: the backend gives them, and a store resumed from
+        shards without them (written before they existed) stays whole-response only (spans then refused)."""
+        if not self.backend.token_logprobs:
+            return False
+        done = [k for k in range(self.config.perturbations) if not store.missing([shard_name(k)])]
+        if not done or not store.missing([daunce_tokens.TOKENS_SHARD]):
+            return True
+        if "query_token_loss" in store.read_shard(shard_name(done[0])):
+            return True
+        if not spans.is_whole(self.config.query_span):
+            raise RunDirError(f"{store.root}: its shards hold whole-response query rows only (written before "
+                              "black-box per-token rows); re-run with --overwrite to measure --query-span")
+        return False
+
+    def _signals_with_tokens(self, model_id: str, train_records: list[Record], query_records: list[Record],
+                             source: str):
+        """(shard tensors: the training rows, the queries' whole-response rows and per-token rows; the queries'
+        token characters). The span of each query must cover a token (`DataError` naming it otherwise)."""
+        backend = self.backend
+        signals = backend.response_signals(model_id, train_records)
+        tokens = backend.response_token_logprobs(model_id, query_records)
+        chars = [t.chars for t in tokens]
+        spans.span_masks(query_records, chars, self.config.query_span, source)
+        whole = signals_from_token_logprobs([t.logprobs for t in tokens])
+        per_token = [token_signals(t.logprobs) for t in tokens]
+        tensors = {f"train_{s}": signals[s].float() for s in backend.signals}
+        tensors.update({f"query_{s}": whole[s].float() for s in backend.signals})
+        tensors.update(daunce_tokens.token_tensors({s: [p[s] for p in per_token] for s in backend.signals}))
+        return tensors, chars
 
     def _submit(self, store: Store, jobs: dict[str, dict[str, Any]], k: int, model: str, records: list[Record],
                 tag: str) -> None:
@@ -326,19 +386,20 @@ class BlackBoxDaunce:
 # ---------------------------------------------------------------------- the CLI
 
 
-#: Why black-box Daunce takes no `--query-span` (one line).
-BLACKBOX_SPAN_REFUSAL = ("black-box Daunce measures whole responses only: its backends return each response's "
-                         "log-probabilities without the characters of their tokens, which a span needs (not yet "
-                         "supported); use white-box `llm-attr daunce` for --query-span and --per-token")
+def span_refusal(backend: str) -> str:
+    """Why black-box Daunce through `backend` takes no `--query-span` (one line)."""
+    return (f"query_span: the {backend} backend gives no per-token log-probabilities of a response (with each "
+            "token's characters), which a span needs; measure the whole response (--query-span response), use a "
+            "backend that gives them (local, openai) or white-box `llm-attr daunce`")
 
 
 def cli_daunce(args: argparse.Namespace) -> None:
     """`llm-attr daunce --backend local|openai ...` (called by `llm_attr.cli`)."""
     from ..config import load_config
 
-    if getattr(args, "query_span", None) not in (None, "response"):
-        raise ConfigError(BLACKBOX_SPAN_REFUSAL)
     config = load_config(BlackBoxConfig, args.config, args.overrides)
+    if getattr(args, "query_span", None):  # set after YAML parsing: a regex is never read as YAML
+        config.query_span = spans.check_span(args.query_span)
     method = BlackBoxDaunce(config, make_backend(args.backend, config))
     out = method.run(args.model, args.train, args.query, args.out, yes=getattr(args, "yes", False),
                      overwrite=args.overwrite, score=not args.no_score, top_k=args.top_k)

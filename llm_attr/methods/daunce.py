@@ -50,6 +50,7 @@ from ..store import Store
 from ..training import TrainingArgs, plain_objective, train
 from ..utils import Overall
 from . import daunce_tokens
+from .daunce_blocks import RowBlocks, adapter_blocks, block_rows
 from .daunce_objective import (  # noqa: F401 (also imported from here)
     LOGIT_CHUNK_ELEMENTS,
     RowProbs,
@@ -100,6 +101,8 @@ class DaunceConfig(TrainingArgs):
     lora: LoraArgs = field(default_factory=lambda: LoraArgs(rank=64, alpha=128.0, layers=4),
                            metadata={"help": "the perturbation adapter (adapter: new)"})
     keep_adapters: bool = field(default=True, metadata={"help": "keep RUN/adapters/k for `llm-attr query`"})
+    row_blocks: RowBlocks = field(default="none", metadata={"help": "also record each perturbation's rows with one "
+                                  "block of its change at a time: none | layer | module (methods/daunce_blocks.py)"})
     eval_batch_size: int = field(default=64, metadata={"help": "batch size of the signal evaluation"})
     theta0_cache_mb: float = field(
         default=1024.0, metadata={"help": "cache θ₀'s response-token softmax up to this size, else recompute"}
@@ -145,9 +148,14 @@ def perturbation_plan(seed: int, k: int, n_train: int, subsample_ratio: float) -
 # ---------------------------------------------------------------------- the method
 
 
+#: keys added after stores were written: left out of the fingerprint at these values, so those stores stay valid
+LATER_KEYS = {"row_blocks": "none"}
+
+
 def featurize_config(config: DaunceConfig) -> dict[str, Any]:
     """The config keys that determine the shards (fingerprinted; the others may change between re-runs)."""
-    return pipeline.shard_config(config, SHARD_NEUTRAL_KEYS)
+    keys = pipeline.shard_config(config, SHARD_NEUTRAL_KEYS)
+    return {k: v for k, v in keys.items() if k not in LATER_KEYS or v != LATER_KEYS[k]}
 
 
 class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig):
@@ -220,6 +228,16 @@ class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig)
             theta0 = None
             if cfg.first_order:
                 theta0 = Theta0(pm.model, train_ex, pad_id, pm.reference, cfg.theta0_cache_mb, cfg.eval_batch_size)
+            blocks = adapter_blocks(pm, cfg.row_blocks) if cfg.row_blocks != "none" else []
+
+            def rows() -> dict[str, torch.Tensor]:  # the loss-matrix row: both signals of every example
+                out = {}
+                for side, examples in (("train", train_ex), ("query", query_ex)):
+                    signals = evaluate_signal(pm.model, examples, pad_id, batch_size=cfg.eval_batch_size,
+                                              signal=SIGNALS, precision=cfg.precision)
+                    out.update({f"{side}_{s}": signals[s] for s in SIGNALS})
+                return out
+
             overall = Overall(cfg.perturbations, "perturbation", done=cfg.perturbations - len(todo), log=logger)
             for k in todo:
                 t0 = time.time()
@@ -233,11 +251,9 @@ class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig)
                 args = dataclasses.replace(cfg, seed=plan.order_seed)
                 result = train(pm.model, train_ex, args, pad_id, accelerator=accelerator, objective=objective,
                                subset=plan.subset.tolist(), data_parallel=False, desc=f"perturbation {k}")
-                tensors = {}  # the loss-matrix row: both signals of every training and query example under θ_k
-                for side, examples in (("train", train_ex), ("query", query_ex)):
-                    signals = evaluate_signal(pm.model, examples, pad_id, batch_size=cfg.eval_batch_size,
-                                              signal=SIGNALS, precision=cfg.precision)
-                    tensors.update({f"{side}_{s}": signals[s] for s in SIGNALS})
+                tensors = rows()  # under θ_k; with row_blocks, also under each block of its change alone
+                if blocks:
+                    tensors.update(block_rows(pm, blocks, rows))
                 tensors.update(daunce_tokens.token_tensors(evaluate_token_signals(  # queries' per-token rows
                     pm.model, query_ex, pad_id, batch_size=cfg.eval_batch_size, signals=SIGNALS,
                     precision=cfg.precision)))

@@ -47,8 +47,10 @@ def token_layout(store: Store) -> tuple[list[np.ndarray], np.ndarray]:
     """(each query's `[R_q, 2]` token characters, offsets `[Q + 1]`); `RunDirError` for a store without them."""
     if store.missing([TOKENS_SHARD]):
         if "blackbox" in store.manifest:
-            raise RunDirError(f"{store.root}: a black-box Daunce store holds whole-response rows only (its backend "
-                              "gives no per-token characters); --query-span and --per-token need white-box Daunce")
+            raise RunDirError(f"{store.root}: this black-box Daunce store holds whole-response rows only (its backend "
+                              "gives no per-token log-probabilities, or it was made before they were recorded); "
+                              "--query-span and --per-token need a backend with them (local, openai) or white-box "
+                              "Daunce")
         raise RunDirError(f"{store.root}: this Daunce store holds no per-token query rows (made before query "
                           "measurements); re-run `llm-attr daunce ... --overwrite` to measure a span or per token")
     shard = store.read_shard(TOKENS_SHARD)
