@@ -157,6 +157,8 @@ def _add_scoring_args(p: argparse.ArgumentParser) -> None:
                    help="per-token scores: Daunce [tokens, N] per query with each token's top training examples "
                         "(scorings/<tag>-tokens/); gradient runs (query only): one row per response token")
     p.add_argument("--query-id", help="Daunce --per-token: only this query (default: every query)")
+    p.add_argument("--rows", choices=["full", "blocks"], help="Daunce runs recorded with row_blocks: score the "
+                   "block rows (the default there) or the full rows")
     p.add_argument("--top-k", type=int, default=10, help="rows per query in the top-k table")
 
 
@@ -447,7 +449,7 @@ def _scoring_options(args: argparse.Namespace) -> dict:
     """The options of `score` and `query` (each method takes its own and refuses the others by name)."""
     return {"measure": args.measure, "signal": args.signal, "perturbations": args.perturbations,
             "method": args.method, "damping": args.damping, "query_span": args.query_span,
-            "per_token": args.per_token, "query_id": args.query_id}
+            "per_token": args.per_token, "query_id": args.query_id, "rows": args.rows}
 
 
 def _print_scoring(info: dict) -> None:

@@ -306,6 +306,13 @@ class Store:
         with safe_open(str(self._checked_path(name, verify)), framework="pt") as f:
             return f.get_slice(key)[start:stop]
 
+    def read_columns(self, name: str, key: str, start: int, stop: int, verify: bool = True) -> torch.Tensor:
+        """Columns `start:stop` (last dimension) of the 2-D tensor `key` of shard `name`, read lazily from disk."""
+        from safetensors import safe_open
+
+        with safe_open(str(self._checked_path(name, verify)), framework="pt") as f:
+            return f.get_slice(key)[:, start:stop]
+
     def finalize(self, names: Iterable[str] | None = None, **fields: Any) -> dict[str, Any]:
         """Main process: record the complete shards (`names`, default all) with their sha256 in the manifest.
 

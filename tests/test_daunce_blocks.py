@@ -4,6 +4,7 @@ LoRA module's B set to 0); stacked block rows score as the block-diagonal covari
 
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -11,8 +12,9 @@ from safetensors.torch import load_file
 from llm_attr.data.backdoor import make_backdoor_task
 from llm_attr.data.records import as_records
 from llm_attr.data.tokenize import pad_id_of, tokenize_records
+from llm_attr.errors import ConfigError
 from llm_attr.losses import evaluate_signal
-from llm_attr.methods.daunce import Daunce, DaunceConfig, adapter_dir, shard_name
+from llm_attr.methods.daunce import Daunce, DaunceConfig, adapter_dir, score_run, shard_name
 from llm_attr.methods.daunce_blocks import stacked_block_rows
 from llm_attr.models.loading import load_model
 from llm_attr.models.lora import LoraArgs
@@ -47,6 +49,22 @@ def test_block_rows_are_the_loss_with_one_block_of_the_change(tmp_path, one_thre
         torch.testing.assert_close(shard["train_loss_blocks"][b], row, rtol=1e-4, atol=1e-6)
     full = evaluate_signal(model, examples, pad_id_of(loaded.tokenizer))
     torch.testing.assert_close(shard["train_loss"], full, rtol=1e-4, atol=1e-6)
+
+    # scoring: the block rows by default (tagged), the full rows on request; a span cannot use block rows
+    shards = [load_file(str(run / "shards" / f"{shard_name(k)}.safetensors")) for k in range(2)]
+    for rows, key in ((None, "_blocks"), ("full", "")):
+        info = score_run(run, measure="corr", signal="margin", rows=rows)
+        if key:
+            q = stacked_block_rows([s["query_margin_blocks"] for s in shards])
+            t = stacked_block_rows([s["train_margin_blocks"] for s in shards])
+        else:
+            q, t = (torch.stack([s[f"{side}_margin"] for s in shards]) for side in ("query", "train"))
+        want = covariance_scores(q, t, measure="corr")
+        got = load_file(str(run / "scores.safetensors"))["scores"]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert (run / "scorings" / f"corr-margin-K2{'-blocks' if key else ''}").is_dir(), info
+    with pytest.raises(ConfigError, match="whole responses only"):
+        score_run(run, rows="blocks", query_span="task")
 
 
 def test_stacked_block_rows_score_the_block_diagonal_covariance():

@@ -39,6 +39,7 @@ from ..scoring import (
 )
 from ..store import Store, input_copy, run_input
 from . import daunce_tokens
+from .daunce_blocks import stacked_block_rows
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +58,23 @@ def adapter_dir(run: Path, k: int) -> Path:
 # ---------------------------------------------------------------------- scoring a run, querying an index
 
 
-def _signal_rows(store: Store, k_count: int, key: str) -> torch.Tensor:
-    """`[K, n]` float32: tensor `key` of the first `k_count` perturbation shards."""
+def _signal_rows(store: Store, k_count: int, key: str, blocks: bool = False) -> torch.Tensor:
+    """`[K, n]` float32: tensor `key` of the first `k_count` perturbation shards; with `blocks`, `[K·B, n]` of
+    their block rows, each block centred over k (`daunce_blocks.stacked_block_rows`)."""
+    if blocks:
+        return stacked_block_rows([store.read_shard(shard_name(k))[f"{key}_blocks"] for k in range(k_count)]).float()
     return torch.stack([store.read_shard(shard_name(k))[key] for k in range(k_count)])
+
+
+def uses_blocks(store: Store, rows: str | None) -> bool:
+    """Whether a scoring uses the block rows: `rows` full | blocks, or None: blocks when the run recorded them."""
+    recorded = store.manifest["config"].get("row_blocks", "none") != "none"
+    if rows not in (None, "full", "blocks"):
+        raise ConfigError(f"rows must be 'full' or 'blocks', got {rows!r}")
+    if rows == "blocks" and not recorded:
+        raise ConfigError(f"{store.root}: the run recorded no block rows (row_blocks: none); score with --rows full "
+                          "or re-run Daunce with --set row_blocks=layer")
+    return recorded if rows is None else rows == "blocks"
 
 
 def _check_k(store: Store, perturbations: int | None) -> int:
@@ -74,14 +89,16 @@ def _check_k(store: Store, perturbations: int | None) -> int:
     return k_count
 
 
-def prepared_train_signals(store: Store, k_count: int, signal: str, measure: Measure) -> np.ndarray:
+def prepared_train_signals(store: Store, k_count: int, signal: str, measure: Measure,
+                           blocks: bool = False) -> np.ndarray:
     """`[K, N]` float32 memory-mapped: the first `k_count` shards' train signals centred and scaled for `measure`
     (`scoring.prepare_train_signals`), computed once and kept in RUN/prepared/ (as large as the signals it
     prepares), keyed by the shards' checksums so that a recomputed shard is never scored with stale data."""
     names = [shard_name(k) for k in range(k_count)]
     n_train = len(store.manifest["ids"]["train"])
     key = fingerprint([store.shard_info(n)["sha256"] for n in names])
-    path = store.root / "prepared" / f"train_{signal}_{measure}_K{k_count}.safetensors"
+    n_blocks = store.read_shard(names[0])[f"train_{signal}_blocks"].shape[0] if blocks else 1
+    path = store.root / "prepared" / f"train_{signal}_{measure}_K{k_count}{'_blocks' if blocks else ''}.safetensors"
     if path.is_file():
         try:
             from safetensors import safe_open
@@ -93,9 +110,11 @@ def prepared_train_signals(store: Store, k_count: int, signal: str, measure: Mea
             logger.warning("%s: unreadable (%s); preparing it again", path, e)
 
     def read(start: int, stop: int) -> torch.Tensor:
+        if blocks:
+            return stacked_block_rows([store.read_columns(n, f"train_{signal}_blocks", start, stop) for n in names])
         return torch.stack([store.read_slice(n, f"train_{signal}", start, stop) for n in names])
 
-    sf = ScoreFile(path, (k_count, n_train), name="signals", metadata={"key": key, "measure": measure})
+    sf = ScoreFile(path, (k_count * n_blocks, n_train), name="signals", metadata={"key": key, "measure": measure})
     try:
         prepare_train_signals(read, sf.array, measure=measure, n_train=n_train)
     except BaseException:
@@ -105,37 +124,44 @@ def prepared_train_signals(store: Store, k_count: int, signal: str, measure: Mea
     return load_scores(path, name="signals")
 
 
-def scoring_tag(measure: str, signal: str, k_count: int) -> str:
-    """The name of one Daunce scoring's files under `RUN/scorings/`: e.g. `corr-margin-K32`."""
-    return f"{measure}-{signal}-K{k_count}"
+def scoring_tag(measure: str, signal: str, k_count: int, blocks: bool = False) -> str:
+    """The name of one Daunce scoring's files under `RUN/scorings/`: e.g. `corr-margin-K32` (`-blocks`: block rows)."""
+    return f"{measure}-{signal}-K{k_count}" + ("-blocks" if blocks else "")
 
 
 def write_scores(out: Path, query_signals: torch.Tensor, run: Path, store: Store, k_count: int, signal: str,
                  measure: Measure, query_ids: list[str], top_k: int, meta: dict[str, Any],
-                 query_span: str | None = None) -> dict[str, Any]:
-    """Score `query_signals [K, Q]` against the store's train signals into `out` (`scoring.write_scoring`);
-    `query_span`: the measurement the query signals are of (named in the tag, the title and scores.json)."""
-    prepared = prepared_train_signals(store, k_count, signal, measure)
+                 query_span: str | None = None, blocks: bool = False) -> dict[str, Any]:
+    """Score `query_signals [K, Q]` (`[K·B, Q]` with `blocks`) against the store's train signals into `out`
+    (`scoring.write_scoring`); `query_span`: the measurement the query signals are of (named in the tag, the title
+    and scores.json)."""
+    prepared = prepared_train_signals(store, k_count, signal, measure, blocks)
 
     def fill(array: np.ndarray) -> None:
         covariance_scores(query_signals, as_tensor(prepared), measure=measure, out=array, prepared=True)
 
     whole = spans.is_whole(query_span)
     measured = {} if whole else {"query_span": query_span}
-    return write_scoring(out, tag=scoring_tag(measure, signal, k_count) + spans.span_tag(query_span),
+    rows = {"rows": "blocks"} if blocks else {}
+    return write_scoring(out, tag=scoring_tag(measure, signal, k_count, blocks) + spans.span_tag(query_span),
                          query_ids=query_ids, train_ids=store.manifest["ids"]["train"], fill=fill, texts_from=run,
                          title=f"Daunce top-{top_k} ({measure} of {signal}, K={k_count}"
+                               + (", block rows" if blocks else "")
                                + ("" if whole else f"; query span {query_span!r}") + ")", top_k=top_k,
-                         info={"measure": measure, "signal": signal, "perturbations": k_count, **measured, **meta},
-                         metadata={"measure": measure, "signal": signal, "perturbations": k_count, **measured},
+                         info={"measure": measure, "signal": signal, "perturbations": k_count, **rows, **measured,
+                               **meta},
+                         metadata={"measure": measure, "signal": signal, "perturbations": k_count, **rows,
+                                   **measured},
                          queries=spans.marked_queries(run_input(out, "query"), query_span))
 
 
 @locked("daunce scoring", dir_arg="run")
 def score_run(run: str | Path, *, measure: Measure = "corr", signal: Signal = "margin",
               perturbations: int | None = None, top_k: int = 10, query_span: str | None = None,
-              per_token: bool = False, query_id: str | None = None) -> dict[str, Any]:
+              per_token: bool = False, query_id: str | None = None, rows: str | None = None) -> dict[str, Any]:
     """Score a Daunce run's queries from its store: RUN/scores.safetensors, ids.json, topk.md, scores.json.
+
+    `rows`: full | blocks (the block rows of `row_blocks`, whole responses only); default blocks when recorded.
 
     `perturbations`: use the first K shards only (default: the run's K). `query_span`: the query measurement
     (`data.spans`; default and `response`: the whole response), from the stored per-token rows. `per_token`:
@@ -145,17 +171,24 @@ def score_run(run: str | Path, *, measure: Measure = "corr", signal: Signal = "m
     run = Path(run)
     store = Store.open(run, METHOD)
     k_count = _check_k(store, perturbations)
+    blocks = uses_blocks(store, rows)
+    if blocks and (per_token or not spans.is_whole(query_span)):
+        if rows == "blocks":
+            raise ConfigError("block rows are recorded for whole responses only: score a span or per-token with "
+                              "--rows full")
+        logger.info("a span or per-token scoring: the full rows (block rows hold whole responses only)")
+        blocks = False
     if per_token:
         prepared = prepared_train_signals(store, k_count, signal, measure)
         tag = scoring_tag(measure, signal, k_count) + spans.span_tag(query_span)
         return daunce_tokens.write_token_scores(run, store, prepared, k_count, signal, measure, tag, query_id,
                                                 query_span, top_k)
     if spans.is_whole(query_span):
-        query = _signal_rows(store, k_count, f"query_{signal}")
+        query = _signal_rows(store, k_count, f"query_{signal}", blocks)
     else:
         query = daunce_tokens.span_rows(run, store, k_count, signal, query_span)
     return write_scores(run, query, run, store, k_count, signal, measure, store.manifest["ids"]["query"], top_k,
-                        {"run": str(run)}, query_span=query_span)
+                        {"run": str(run)}, query_span=query_span, blocks=blocks)
 
 
 @locked("daunce self-influence", dir_arg="run")
@@ -248,9 +281,9 @@ def query_run(run: str | Path, query: str | Path | list, out: str | Path, *, mea
 
 def score_cli(run: str | Path, *, top_k: int = 10, measure: Measure | None = None, signal: Signal | None = None,
               perturbations: int | None = None, self_influence: bool = False, query_span: str | None = None,
-              per_token: bool = False, query_id: str | None = None) -> dict[str, Any]:
+              per_token: bool = False, query_id: str | None = None, rows: str | None = None) -> dict[str, Any]:
     """`llm-attr score RUN [--measure] [--signal] [--perturbations] [--self] [--query-span] [--per-token
-    [--query-id]]` of a Daunce store (the run's config fills what is not given)."""
+    [--query-id]] [--rows]` of a Daunce store (the run's config fills what is not given)."""
     cfg = Store.open(run, METHOD).manifest["config"]
     signal = signal or cfg["signal"]
     if self_influence:
@@ -258,7 +291,7 @@ def score_cli(run: str | Path, *, top_k: int = 10, measure: Measure | None = Non
         return {**info, "files": f"self-influence: {Path(run) / 'self_influence.safetensors'}"}
     query_span = query_span or cfg.get("query_span", spans.RESPONSE)
     info = score_run(run, measure=measure or cfg["measure"], signal=signal, perturbations=perturbations, top_k=top_k,
-                     query_span=query_span, per_token=per_token, query_id=query_id)
+                     query_span=query_span, per_token=per_token, query_id=query_id, rows=rows)
     if per_token:
         return {**info, "files": info.pop("files_line")}
     return {**info, "files": scores_line(run)}

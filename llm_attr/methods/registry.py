@@ -76,7 +76,8 @@ METHODS: dict[str, MethodEntry] = {
     "daunce": MethodEntry(
         "daunce", "llm-attr daunce", score="llm_attr.methods.daunce_store:score_cli",
         query="llm_attr.methods.daunce_store:query_cli",
-        score_options=("measure", "signal", "perturbations", "self_influence", "query_span", "per_token", "query_id"),
+        score_options=("measure", "signal", "perturbations", "self_influence", "query_span", "per_token", "query_id",
+                       "rows"),
         query_options=("measure", "signal", "perturbations", "query_span")),
     "gradients": MethodEntry(
         "gradients", "llm-attr gradients", score="llm_attr.methods.gradient_store:score_cli",
