@@ -129,25 +129,30 @@ def removal(name: str, scores: np.ndarray, query_ids: list[str], rates: dict, pa
 
 
 def daunce_breakdown(run: Path, query_ids: list[str], fired: list[str], kinds: list[str]) -> dict:
-    """Metrics of every signal x measure, at each K = 4, 8, ... up to the run's K (first K perturbations)."""
+    """AUPRC of every signal x measure (and of the block rows, `/blocks`, when the run recorded them) at each
+    K = 4, 8, ... up to the run's K (first K perturbations)."""
     import torch
-
-    from llm_attr.scoring import covariance_scores
-
-    shards = sorted((run / "shards").glob("perturbation-*.safetensors"))
     from safetensors.torch import load_file
 
-    rows = [load_file(str(f)) for f in shards]
+    from llm_attr.methods.daunce_blocks import stacked_block_rows
+    from llm_attr.scoring import covariance_scores
+
+    rows = [load_file(str(f)) for f in sorted((run / "shards").glob("perturbation-*.safetensors"))]
+    ks = [k for k in (4, 8, 16, 32, 64) if k <= len(rows)] or [len(rows)]
+    row_kinds = ("full", "blocks") if "train_loss_blocks" in rows[0] else ("full",)
     out = {}
-    k_max = len(rows)
-    ks = [k for k in (4, 8, 16, 32, 64) if k <= k_max] or [k_max]
     for signal in ("margin", "loss"):
-        q = torch.stack([r[f"query_{signal}"] for r in rows])
-        t = torch.stack([r[f"train_{signal}"] for r in rows])
-        for measure in ("corr", "cov"):
-            for k in ks:
-                scores = np.asarray(covariance_scores(q[:k], t[:k], measure=measure))
-                out[f"{signal}/{measure}/K{k}"] = metrics(scores, query_ids, fired, kinds)["auprc"]
+        for row_kind in row_kinds:
+            for measure in ("corr", "cov"):
+                for k in ks:
+                    if row_kind == "blocks":
+                        q, t = (stacked_block_rows([r[f"{side}_{signal}_blocks"] for r in rows[:k]])
+                                for side in ("query", "train"))
+                    else:
+                        q, t = (torch.stack([r[f"{side}_{signal}"] for r in rows[:k]]) for side in ("query", "train"))
+                    scores = np.asarray(covariance_scores(q, t, measure=measure))
+                    name = f"{signal}/{measure}/K{k}" + ("/blocks" if row_kind == "blocks" else "")
+                    out[name] = metrics(scores, query_ids, fired, kinds)["auprc"]
     return out
 
 

@@ -2,7 +2,7 @@
 retraining on random halves, for Daunce at K = 8..64 (and budget variants) and every gradient method.
 
     python recipes/real_lds.py --work runs/real_lds                                   # every stage, resumable
-    python recipes/real_lds.py --work runs/real_lds --variant "quarter:subsample_ratio=0.25,epochs=1,perturbations=128"
+    python recipes/real_lds.py --work runs/real_lds --variant "k64:perturbations=64" --plot lds.png
     accelerate launch --multi_gpu --num_processes 2 recipes/real_lds.py --work W      # retrains and Daunce on 2
 
 1. data: `--n-train` one-step MATH records (`\\boxed{}` answers) and `--n-query` held-out queries.
@@ -10,7 +10,9 @@ retraining on random halves, for Daunce at K = 8..64 (and budget variants) and e
 3. ground truth: `llm-attr retrain` on `--subsets` random halves from the base (the target's own config), every
    query's loss recorded (a resumable store, split over processes).
 4. methods: one gradient run (exact LoRA gradients with K-FAC statistics) scored as grad-dot, grad-cos, if-fisher,
-   if-kfac and if-ekfac; Daunce with configs/daunce.yaml (`default`) and each `--variant NAME:key=value,...`.
+   if-kfac and if-ekfac (if-fisher where its dense matrix fits); Daunce with configs/daunce.yaml and each
+   `--variant NAME:key=value,...` (default: `VARIANTS`, block rows per layer at K=16 and quarter-epoch
+   perturbations on random quarters at K=32).
 5. LDS (mean over queries of the Spearman correlation over retrains, 95% bootstrap interval over queries) of each
    method; Daunce at every K = 8, 16, ... up to its run's K, for loss/margin x cov/corr, with the wall time of its
    first K perturbations. Written to `--json`, and LDS against wall time plotted to `--plot`.
@@ -19,6 +21,7 @@ retraining on random halves, for Daunce at K = 8..64 (and budget variants) and e
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -38,6 +41,11 @@ logger = logging.getLogger("real_lds")
 
 TARGET = {"epochs": 3.0, "learning_rate": 1e-3, "batch_size": 16, "max_length": 128, "group_by_length": True,
           "lora": {"rank": 16, "alpha": 32.0, "layers": 12}, "save_steps": 0}
+#: Daunce runs of docs/results.md: the default config with block rows per layer at K=16 (its full rows are the
+#: default's), and the budget frontier's other end, K=32 perturbations of a quarter epoch on random quarters
+#: (the same training steps as K=8 of one epoch)
+VARIANTS = ("layers:keep_adapters=false,max_length=128,group_by_length=true,row_blocks=layer,perturbations=16",
+            "quarter:keep_adapters=false,max_length=128,group_by_length=true,subsample_ratio=0.25,perturbations=32")
 GRADIENT_SCORINGS = ("grad-dot", "grad-cos", "if-fisher", "if-kfac", "if-ekfac")
 
 
@@ -108,7 +116,8 @@ def daunce_rows(run: Path) -> tuple[dict[str, np.ndarray], list[float]]:
     names = [shard_name(k) for k in range(store.manifest["perturbations"]) if shard_name(k) in done]
     shards = [store.read_shard(n) for n in names]
     seconds = [float((store.shard_info(n) or {}).get("meta", {}).get("seconds", 0.0)) for n in names]
-    rows = {key: np.stack([s[key].numpy() for s in shards]) for key in shards[0] if key.startswith(("train_", "query_"))}
+    rows = {key: np.stack([s[key].numpy() for s in shards]) for key in shards[0]
+            if key.startswith(("train_", "query_")) and key.endswith(("_loss", "_margin", "_blocks"))}
     return rows, seconds
 
 
@@ -120,8 +129,8 @@ def main() -> None:
     ap.add_argument("--n-query", type=int, default=16)
     ap.add_argument("--subsets", type=int, default=16, help="M retrains on random halves")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--variant", action="append", default=[], help="Daunce NAME[:key=value,...] (repeatable); "
-                    "'default' is configs/daunce.yaml at K=64")
+    ap.add_argument("--variant", action="append", default=[], help="Daunce NAME[:key=value,...] (repeatable; "
+                    "configs/daunce.yaml at K=64 plus these overrides); default: the two of docs/results.md")
     ap.add_argument("--target-set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--json", type=Path, help="write the figures here (default WORK/results.json)")
     ap.add_argument("--plot", type=Path, help="LDS against wall time (PNG)")
@@ -133,7 +142,7 @@ def main() -> None:
     target = build_target(args.model, work, paths["train"], TARGET, args.target_set)
     truth = ground_truth(target, paths, work, args.subsets)
     grad_run, grad_seconds = gradients(target, paths, work)
-    variants = [v.partition(":") for v in (args.variant or ["default"])]
+    variants = [v.partition(":") for v in (args.variant or list(VARIANTS))]
     runs = {name: daunce(name, sets, target, paths, work) for name, _, sets in variants}
     if not is_main():
         return
@@ -143,6 +152,7 @@ def main() -> None:
     from llm_attr.evaluation.compare import load_scores
     from llm_attr.evaluation.metrics import lds
     from llm_attr.evaluation.retrain import load_ground_truth
+    from llm_attr.methods.daunce_blocks import stacked_block_rows
     from llm_attr.methods.gradient_store import score_run
     from llm_attr.scoring import covariance_scores
 
@@ -161,17 +171,18 @@ def main() -> None:
         signals, per_shard = daunce_rows(run)
         k_max = signals["query_loss"].shape[0]
         overhead = max(0.0, seconds - sum(per_shard))  # θ₀'s outputs, prefix cache, loading
-        for signal in ("loss", "margin"):
-            q, t = torch.from_numpy(signals[f"query_{signal}"]), torch.from_numpy(signals[f"train_{signal}"])
-            for measure in ("cov", "corr"):
-                k = 8
-                while k <= k_max:
-                    values = np.asarray(covariance_scores(q[:k], t[:k], measure=measure), dtype=np.float64)
-                    r = lds(values, gt["masks"], gt["outcomes"])
-                    rows.append({"method": f"daunce-{name}", "signal": signal, "measure": measure, "K": k,
-                                 "lds": r["lds"], "ci95": r["ci95"],
-                                 "seconds": overhead + sum(per_shard[:k])})
-                    k *= 2
+        kinds = ("full", "blocks") if "train_loss_blocks" in signals else ("full",)
+        for signal, measure, kind in itertools.product(("loss", "margin"), ("cov", "corr"), kinds):
+            for k in [k for k in (4, 8, 16, 32, 64, 128) if k <= k_max]:
+                if kind == "blocks":  # each block centred over k, stacked (methods/daunce_blocks.py)
+                    q, t = (stacked_block_rows(list(torch.from_numpy(signals[f"{side}_{signal}_blocks"][:k])))
+                            for side in ("query", "train"))
+                else:
+                    q, t = (torch.from_numpy(signals[f"{side}_{signal}"][:k]) for side in ("query", "train"))
+                values = np.asarray(covariance_scores(q, t, measure=measure), dtype=np.float64)
+                r = lds(values, gt["masks"], gt["outcomes"])
+                rows.append({"method": f"daunce-{name}", "signal": signal, "measure": measure, "rows": kind,
+                             "K": k, "lds": r["lds"], "ci95": r["ci95"], "seconds": overhead + sum(per_shard[:k])})
     rng = np.random.default_rng(args.seed)
     r = lds(rng.standard_normal((len(gt["query_ids"]), len(gt["train_ids"]))), gt["masks"], gt["outcomes"])
     rows.append({"method": "random", "K": None, "lds": r["lds"], "ci95": r["ci95"], "seconds": 0.0})
@@ -181,7 +192,8 @@ def main() -> None:
                "ground_truth_seconds": json.loads((work / "ground_truth_wall.json").read_text())["seconds"],
                "variants": {name: sets for name, _, sets in variants}, "rows": rows}
     for row in rows:
-        label = row["method"] + (f" {row['signal']}/{row['measure']} K={row['K']}" if row.get("K") else "")
+        label = row["method"] + (f" {row['signal']}/{row['measure']} {row['rows']} K={row['K']}"
+                                 if row.get("K") else "")
         logger.info("%-44s LDS %+.3f [%+.3f, %+.3f]  %.0f s", label, row["lds"], *row["ci95"], row["seconds"])
     out = args.json or work / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -204,8 +216,10 @@ def plot(results: dict, path: Path) -> None:
     series: dict[str, list] = {}
     for row in results["rows"]:
         if row.get("K"):
-            series.setdefault(f"{row['method']} {row['signal']}/{row['measure']}", []).append(row)
+            series.setdefault(f"{row['method']} {row['signal']}/{row['measure']} {row['rows']}", []).append(row)
     for label, pts in series.items():
+        if not any(f" {sm} " in label for sm in ("loss/cov", "margin/corr")):
+            continue  # the two scorings of docs/results.md
         ax.plot([p["seconds"] for p in pts], [p["lds"] for p in pts], "o-", ms=3, label=label)
     ax.set_xscale("log")
     ax.axhline(0, color="grey", lw=0.5)
