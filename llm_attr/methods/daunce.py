@@ -90,7 +90,8 @@ class DaunceConfig(TrainingArgs):
     perturbations: int = field(default=32, metadata={"help": "K, the number of perturbed fine-tunes"})
     gamma: float = field(default=1.0, metadata={"help": "weight of the loss term γ·(ℓ(θ) − ℓ(θ₀))"})
     rho: float = field(default=1.0, metadata={"help": "perturbation size: w_i = 1 + ρ(2ξ_i − 1)"})
-    subsample_ratio: float = field(default=1.0, metadata={"help": "fraction r of the training set in each D_k"})
+    subsample_ratio: float = field(default=0.25, metadata={"help": "fraction r of the training set in each D_k "
+                                   "(0.25: each perturbation a quarter of the steps; docs/results.md, budget frontier)"})
     adapter: Literal["new", "continue"] = field(
         default="new", metadata={"help": "new: fresh zero-init LoRA on the merged target; continue: its own adapter"}
     )
