@@ -41,10 +41,11 @@ logger = logging.getLogger("real_lds")
 
 TARGET = {"epochs": 3.0, "learning_rate": 1e-3, "batch_size": 16, "max_length": 128, "group_by_length": True,
           "lora": {"rank": 16, "alpha": 32.0, "layers": 12}, "save_steps": 0}
-#: Daunce runs of docs/results.md: the default config with block rows per layer at K=16 (its full rows are the
-#: default's), and the budget frontier's other end, K=32 perturbations of a quarter epoch on random quarters
+#: Daunce runs of docs/results.md: the former default (every perturbation on all the data) with block rows per
+#: layer at K=16, and the budget frontier's other end, K=32 perturbations of a quarter epoch on random quarters
 #: (the same training steps as K=8 of one epoch)
-VARIANTS = ("layers:keep_adapters=false,max_length=128,group_by_length=true,row_blocks=layer,perturbations=16",
+VARIANTS = ("layers:keep_adapters=false,max_length=128,group_by_length=true,row_blocks=layer,perturbations=16,"
+            "subsample_ratio=1.0",
             "quarter:keep_adapters=false,max_length=128,group_by_length=true,subsample_ratio=0.25,perturbations=32")
 GRADIENT_SCORINGS = ("grad-dot", "grad-cos", "if-fisher", "if-kfac", "if-ekfac")
 
