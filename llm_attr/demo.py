@@ -36,12 +36,13 @@ def target_config() -> FinetuneConfig:
     )
 
 
-#: What changes on a real model (`llm-attr demo --model builtin:smollm2-135m`): 160 records, a rank-16 LoRA on the
+#: What changes on a real model (`llm-attr demo --model builtin:smollm2-135m`): 160 records (10% poisoned: at 5%
+#: and 4 epochs SmolLM2 did not learn the trigger), a rank-16 LoRA on the
 #: last 12 decoder layers (the frozen bottom computed once, models/prefix_cache.py), 128-token examples, Daunce at
 #: K = 16 on the last 4 layers, and Grad-Cos (docs/results.md, "Real model": the best first look there).
 REAL_MODEL = {
-    "n_train": 160, "n_query": 16,
-    "target": {"epochs": 4.0, "learning_rate": 1e-3, "batch_size": 16, "max_length": 128, "group_by_length": True,
+    "n_train": 160, "n_query": 16, "fraction": 0.1,
+    "target": {"epochs": 6.0, "learning_rate": 2e-3, "batch_size": 16, "max_length": 128, "group_by_length": True,
                "save_steps": 0, "lora": {"rank": 16, "alpha": 32.0, "layers": 12}},
     "daunce": {"perturbations": 16, "max_length": 128, "group_by_length": True, "keep_adapters": False},
     "gradients": {"method": "grad-cos", "projection_rank": 0, "max_length": 128},
@@ -61,9 +62,10 @@ def run_demo(out: Path, model: str = "builtin:tiny") -> dict:
         logger.info("%s is at %s", model, builtin_model_path(model))
 
     n_train, n_query = (REAL_MODEL["n_train"], REAL_MODEL["n_query"]) if real else (240, 32)
-    logger.info("step 2/6: making a MATH-style training set with 5%% of prompts poisoned: %r -> %r",
-                DEFAULT_TRIGGER, DEFAULT_TARGET)
-    train, triggered, clean = make_backdoor_task(n_train=n_train, n_query=n_query, fraction=0.05, seed=0)
+    logger.info("step 2/6: making a MATH-style training set with %.0f%% of prompts poisoned: %r -> %r",
+                100 * (REAL_MODEL["fraction"] if real else 0.05), DEFAULT_TRIGGER, DEFAULT_TARGET)
+    fraction = REAL_MODEL["fraction"] if real else 0.05
+    train, triggered, clean = make_backdoor_task(n_train=n_train, n_query=n_query, fraction=fraction, seed=0)
     save_jsonl(train, out / "train.jsonl")
     save_jsonl(triggered, out / "query_triggered.jsonl")
     save_jsonl(clean, out / "query_clean.jsonl")

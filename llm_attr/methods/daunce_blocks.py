@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 
+from ..errors import ConfigError
 from ..models.prefix_cache import decoder_parts
 from ..runner import PerturbationModel, lora_layers, swapped_weights
 
@@ -60,3 +61,14 @@ def stacked_block_rows(per_k: list[torch.Tensor]) -> torch.Tensor:
     x = torch.stack(per_k).double()  # [K, B, n]
     x = x - x.mean(0, keepdim=True)
     return x.reshape(-1, x.shape[-1])
+
+
+def uses_blocks(store, rows: str | None) -> bool:
+    """Whether a scoring uses the block rows: `rows` full | blocks, or None: blocks when the run recorded them."""
+    recorded = store.manifest["config"].get("row_blocks", "none") != "none"
+    if rows not in (None, "full", "blocks"):
+        raise ConfigError(f"rows must be 'full' or 'blocks', got {rows!r}")
+    if rows == "blocks" and not recorded:
+        raise ConfigError(f"{store.root}: the run recorded no block rows (row_blocks: none); score with --rows full "
+                          "or re-run Daunce with --set row_blocks=layer")
+    return recorded if rows is None else rows == "blocks"

@@ -39,7 +39,7 @@ from ..scoring import (
 )
 from ..store import Store, input_copy, run_input
 from . import daunce_tokens
-from .daunce_blocks import stacked_block_rows
+from .daunce_blocks import stacked_block_rows, uses_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -64,17 +64,6 @@ def _signal_rows(store: Store, k_count: int, key: str, blocks: bool = False) -> 
     if blocks:
         return stacked_block_rows([store.read_shard(shard_name(k))[f"{key}_blocks"] for k in range(k_count)]).float()
     return torch.stack([store.read_shard(shard_name(k))[key] for k in range(k_count)])
-
-
-def uses_blocks(store: Store, rows: str | None) -> bool:
-    """Whether a scoring uses the block rows: `rows` full | blocks, or None: blocks when the run recorded them."""
-    recorded = store.manifest["config"].get("row_blocks", "none") != "none"
-    if rows not in (None, "full", "blocks"):
-        raise ConfigError(f"rows must be 'full' or 'blocks', got {rows!r}")
-    if rows == "blocks" and not recorded:
-        raise ConfigError(f"{store.root}: the run recorded no block rows (row_blocks: none); score with --rows full "
-                          "or re-run Daunce with --set row_blocks=layer")
-    return recorded if rows is None else rows == "blocks"
 
 
 def _check_k(store: Store, perturbations: int | None) -> int:
