@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the built-in end-to-end demo: backdoor, fine-tune, attribute")
     p.add_argument("--out", default="demo_run", help="directory for the demo's files")
     p.add_argument("--model", default="builtin:tiny", help="base model: builtin:tiny (a minute on a CPU) or a real "
-                   "one, e.g. builtin:smollm2-135m (about 10 minutes on 2 CPU cores; demo.REAL_MODEL settings)")
+                   "one, e.g. builtin:smollm2-135m (about 13 minutes on 2 shared CPU cores; demo.REAL_MODEL settings)")
 
     p = sub.add_parser("daunce", help="Daunce attribution: K perturbed fine-tunes of the target, then scores")
     _add_featurize_args(p, "the target: a fine-tuned run dir, a model dir or builtin:tiny",
