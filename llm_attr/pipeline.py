@@ -175,10 +175,13 @@ def model_identity(model: Any) -> tuple[Any, str, str]:
     return model, getattr(model, "spec", "in-memory model"), module_fingerprint(model.model)
 
 
-def shard_config(config: Any, neutral: Sequence[str]) -> dict[str, Any]:
+def shard_config(config: Any, neutral: Sequence[str], later: dict[str, Any] | None = None) -> dict[str, Any]:
     """The config keys that determine a method's shards (fingerprinted): all but the `neutral` ones, which change
-    only how a run is scored or evaluated, so a re-run may change them."""
-    return {k: v for k, v in to_dict(config).items() if k not in neutral}
+    only how a run is scored or evaluated, so a re-run may change them. `later`: keys added after stores were
+    written, left out while they hold the value that computes what those stores hold (so they stay valid)."""
+    later = later or {}
+    return {k: v for k, v in to_dict(config).items()
+            if k not in neutral and not (k in later and v == later[k])}
 
 
 class FeaturizeMethod:

@@ -88,10 +88,7 @@ def shard_name(m: int, s: int) -> str:
 
 def featurize_config(cfg: RetrainConfig) -> dict[str, Any]:
     """The fingerprinted keys (`query_span` only when it is a span: older stores keep their fingerprint)."""
-    out = {k: v for k, v in to_dict(cfg).items() if k not in SHARD_NEUTRAL_KEYS}
-    if spans.is_whole(out.get("query_span")):
-        out.pop("query_span", None)
-    return out
+    return pipeline.shard_config(cfg, SHARD_NEUTRAL_KEYS, {"query_span": spans.RESPONSE})
 
 
 class Retrainer:

@@ -155,8 +155,7 @@ LATER_KEYS = {"row_blocks": "none"}
 
 def featurize_config(config: DaunceConfig) -> dict[str, Any]:
     """The config keys that determine the shards (fingerprinted; the others may change between re-runs)."""
-    keys = pipeline.shard_config(config, SHARD_NEUTRAL_KEYS)
-    return {k: v for k, v in keys.items() if k not in LATER_KEYS or v != LATER_KEYS[k]}
+    return pipeline.shard_config(config, SHARD_NEUTRAL_KEYS, LATER_KEYS)
 
 
 class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig):

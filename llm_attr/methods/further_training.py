@@ -124,10 +124,7 @@ def reweight_objective(left_out: Example, pad_id: int, n_train: int):
 
 def featurize_config(cfg: FurtherTrainingConfig) -> dict[str, Any]:
     """The fingerprinted keys (`query_span` only when it is a span: older stores keep their fingerprint)."""
-    out = pipeline.shard_config(cfg, SHARD_NEUTRAL_KEYS)
-    if spans.is_whole(out.get("query_span")):
-        out.pop("query_span", None)
-    return out
+    return pipeline.shard_config(cfg, SHARD_NEUTRAL_KEYS, {"query_span": spans.RESPONSE})
 
 
 class FurtherTraining(pipeline.FeaturizeMethod, name="further-train", config_class=FurtherTrainingConfig):
