@@ -39,7 +39,7 @@ from llm_attr.utils import setup_logging  # noqa: E402
 
 logger = logging.getLogger("real_backdoor")
 
-TARGET = {"epochs": 5.0, "learning_rate": 1e-3, "batch_size": 8, "max_length": 128, "precision": "bf16",
+TARGET = {"epochs": 5.0, "learning_rate": 1e-3, "batch_size": 8, "max_length": 128, "precision": "auto",
           "lora": {"rank": 16, "alpha": 32.0}, "save_steps": 25}
 METHODS = ("random", "grad-cos", "if-ekfac-16", "if-ekfac-64", "daunce", "daunce-blackbox")
 
@@ -156,6 +156,44 @@ def daunce_breakdown(run: Path, query_ids: list[str], fired: list[str], kinds: l
     return out
 
 
+def theta0_train_loss(target: Path, train: Path, work: Path) -> float:
+    """Mean training loss (mean token NLL over response tokens) under the target θ₀, cached in WORK."""
+    out = work / "theta0_train_loss.json"
+    if out.exists():
+        return json.loads(out.read_text())["loss"]
+    from llm_attr.data.tokenize import pad_id_of, tokenize_records
+    from llm_attr.losses import evaluate_signal
+    from llm_attr.models.loading import load_model
+
+    loaded = load_model(str(target))
+    examples, _ = tokenize_records(load_records(train), loaded.tokenizer, 128)
+    loss = float(evaluate_signal(loaded.model, examples, pad_id_of(loaded.tokenizer)).mean())
+    out.write_text(json.dumps({"loss": loss}))
+    return loss
+
+
+def daunce_size_and_noise(run: Path, theta0_loss: float, query_ids: list[str], fired: list[str]) -> dict:
+    """How far the perturbations moved (θ_k/θ₀: mean training loss under the θ_k over that under θ₀) and how much
+    of the score is noise (split-half reliability: Spearman between the margin/corr scores of perturbations
+    0..K/2-1 and K/2..K-1, mean over the fired queries)."""
+    import torch
+    from safetensors.torch import load_file
+    from scipy.stats import spearmanr
+
+    from llm_attr.scoring import covariance_scores
+
+    rows = [load_file(str(f)) for f in sorted((run / "shards").glob("perturbation-*.safetensors"))]
+    ratio = float(torch.stack([r["train_loss"] for r in rows]).mean()) / theta0_loss
+    half = len(rows) // 2
+    q_rows = [query_ids.index(q) for q in fired]
+    halves = [covariance_scores(torch.stack([r["query_margin"] for r in part]),
+                                torch.stack([r["train_margin"] for r in part]), measure="corr")
+              for part in (rows[:half], rows[half:2 * half])]
+    rel = [spearmanr(np.asarray(halves[0][i]), np.asarray(halves[1][i]))[0] for i in q_rows]
+    return {"theta_ratio": round(ratio, 4), "split_half_spearman": round(float(np.mean(rel)), 4),
+            "k": len(rows)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin:smollm2-135m")
@@ -207,6 +245,8 @@ def main() -> None:
         results["methods"][name] = {**metrics(scores, query_ids, rates["fired"], kinds), "seconds": seconds}
         if name.startswith("daunce"):
             results["methods"][name]["auprc_by_scoring"] = daunce_breakdown(run, query_ids, rates["fired"], kinds)
+            results["methods"][name].update(daunce_size_and_noise(
+                run, theta0_train_loss(target, paths["train"], work), query_ids, rates["fired"]))
             results["methods"][name]["config"] = json.loads((run / "manifest.json").read_text()).get("config")
         if name in args.removal:
             results["methods"][name]["removal"] = removal(

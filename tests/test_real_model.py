@@ -21,7 +21,7 @@ pytestmark = [
 ]
 
 MODEL = "builtin:smollm2-135m"
-TARGET = {"epochs": 4.0, "learning_rate": 2e-3, "batch_size": 8, "max_length": 96, "precision": "bf16",
+TARGET = {"epochs": 4.0, "learning_rate": 2e-3, "batch_size": 8, "max_length": 96, "precision": "auto",
           "lora": {"rank": 8, "alpha": 16.0}, "save_steps": 0}
 
 
@@ -68,7 +68,7 @@ def test_daunce_and_grad_cos_find_the_planted_backdoor_and_removal_takes_it_out(
     from llm_attr.models.lora import LoraArgs
 
     root, chance = target["root"], float(target["poisoned"].mean())
-    cfg = DaunceConfig(perturbations=4, max_length=96, precision="bf16", lora=LoraArgs(rank=16, alpha=32.0, layers=4))
+    cfg = DaunceConfig(perturbations=4, max_length=96, precision="auto", lora=LoraArgs(rank=16, alpha=32.0, layers=4))
     Daunce(cfg).run(str(target["run"]), root / "train.jsonl", root / "query.jsonl", root / "daunce")
     GradientAttribution(GradientConfig(method="grad-cos", max_length=96)).run(
         str(target["run"]), root / "train.jsonl", root / "query.jsonl", root / "grad-cos")
