@@ -130,7 +130,7 @@ def removal(name: str, scores: np.ndarray, query_ids: list[str], rates: dict, pa
 
 def daunce_breakdown(run: Path, query_ids: list[str], fired: list[str], kinds: list[str]) -> dict:
     """AUPRC of every signal x measure (and of the block rows, `/blocks`, when the run recorded them) at each
-    K = 4, 8, ... up to the run's K (first K perturbations)."""
+    K = 4, 8, ... up to the run's K, and at the run's K (first K perturbations)."""
     import torch
     from safetensors.torch import load_file
 
@@ -138,7 +138,7 @@ def daunce_breakdown(run: Path, query_ids: list[str], fired: list[str], kinds: l
     from llm_attr.scoring import covariance_scores
 
     rows = [load_file(str(f)) for f in sorted((run / "shards").glob("perturbation-*.safetensors"))]
-    ks = [k for k in (4, 8, 16, 32, 64) if k <= len(rows)] or [len(rows)]
+    ks = sorted({k for k in (4, 8, 16, 32, 64) if k <= len(rows)} | {len(rows)})
     row_kinds = ("full", "blocks") if "train_loss_blocks" in rows[0] else ("full",)
     out = {}
     for signal in ("margin", "loss"):

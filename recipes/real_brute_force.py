@@ -401,8 +401,23 @@ def brute_force(target: Path, paths: dict[str, Path], work: Path, chunk: int) ->
 # ---------------------------------------------------------------------- the methods
 
 
-def daunce(name: str, k: int, target: Path, paths: dict[str, Path], work: Path, extra: list[str]) -> Path:
-    """WORK/daunce-NAME with K perturbations (resumable: a larger K later computes only the missing ones)."""
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """`NAME:key=value,key=value` (`--daunce-variant`) -> (NAME, ["key=value", ...]), checked by parse_overrides."""
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    if not name or name in VARIANTS or "/" in name:
+        raise SystemExit(f"--daunce-variant {spec!r}: expected NAME:key=value,... with a new NAME "
+                         f"(not {sorted(VARIANTS)})")
+    pairs = [p.strip() for p in rest.split(",") if p.strip()]
+    parse_overrides(pairs)  # a malformed pair stops here
+    return name, pairs
+
+
+def daunce(name: str, k: int, target: Path, paths: dict[str, Path], work: Path, extra: list[str],
+           variant: list[str] | None = None) -> Path:
+    """WORK/daunce-NAME with K perturbations (resumable: a larger K later computes only the missing ones).
+
+    `variant`: an extra `adapter=continue` run (`--daunce-variant NAME:...`), those overrides after `extra`."""
     from llm_attr.methods.daunce import Daunce, DaunceConfig
 
     out = work / f"daunce-{name}"
@@ -410,7 +425,8 @@ def daunce(name: str, k: int, target: Path, paths: dict[str, Path], work: Path, 
     if wall.exists() and json.loads(wall.read_text()).get("perturbations", 0) >= k:
         return out
     cfg = load_config(DaunceConfig, ROOT / "configs" / "daunce.yaml",
-                      parse_overrides([*VARIANTS[name], f"perturbations={k}", *extra]))
+                      parse_overrides([*VARIANTS["continue" if variant is not None else name],
+                                       f"perturbations={k}", *extra, *(variant or [])]))
     t0 = time.time()
     Daunce(cfg).run(str(target), paths["train"], paths["query"], out, score=False)
     wall.write_text(json.dumps({"seconds": round(time.time() - t0, 1), "perturbations": k}))
@@ -485,7 +501,7 @@ def influence(C: np.ndarray, gq: np.ndarray, gt: np.ndarray, damping: float) -> 
 
 
 def analyse(work: Path, grad_scores: dict[str, np.ndarray], runs: dict[str, Path], curvature: str,
-            rel_damping: float, seed: int) -> dict:
+            rel_damping: float, seed: int, continued: tuple[str, ...] = ("continue",)) -> dict:
     import torch
     from safetensors.torch import load_file
 
@@ -560,14 +576,26 @@ def analyse(work: Path, grad_scores: dict[str, np.ndarray], runs: dict[str, Path
                     row = add(f"daunce-{name} {signal}/{measure}", s, K=k, split_half=r_half, reliability=rel,
                               seconds=round(per_k * k, 1))
                     row["noise_free_estimate"] = (row["spearman"] / np.sqrt(rel)) if rel > 0 else float("nan")
-        if name == "continue":
-            d.update(decompose(run, rows, b, K, steps, perturbation_plan, adapter_dir, covariance_scores, add))
+        d["train_loss_ratio"] = train_loss_ratio(rows, b)
+        if name in continued:
+            d.update(decompose(run, rows, b, K, steps, perturbation_plan, adapter_dir, covariance_scores, add,
+                               Hd=Hd, label="" if name == "continue" else f", {name}"))
         results["daunce"][name] = d
     return results
 
 
-def decompose(run, rows, b, K, steps, perturbation_plan, adapter_dir, covariance_scores, add) -> dict:
-    """Daunce (adapter=continue)'s error into sampling noise, non-linearity and the bias of its Σ."""
+def train_loss_ratio(rows: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict:
+    """How far the perturbations moved the training loss: mean train loss under θ_k over that under θ₀."""
+    r = rows["train_loss"].mean(1) / b["rows0_train_loss"].mean()
+    return {"mean": float(r.mean()), "min": float(r.min()), "max": float(r.max())}
+
+
+def decompose(run, rows, b, K, steps, perturbation_plan, adapter_dir, covariance_scores, add, Hd=None,
+              label: str = "") -> dict:
+    """Daunce (adapter=continue)'s error into sampling noise, non-linearity and the bias of its Σ.
+
+    `Hd`: the damped curvature of the brute force; with it, each kept adapter's θ_k − θ₀ against the minimiser
+    step δ*_k = −Hd⁻¹ ∇(perturbed objective at θ₀) (cosine, norm ratio, and the kernel of the δ*'s covariance)."""
     import torch
     from scipy.stats import pearsonr
 
@@ -603,7 +631,7 @@ def decompose(run, rows, b, K, steps, perturbation_plan, adapter_dir, covariance
         daunce_cov = np.asarray(covariance_scores(torch.from_numpy(rows["query_loss"][ks[:k]]),
                                                   torch.from_numpy(rows["train_loss"][ks[:k]]), measure="cov"),
                                 dtype=np.float64)
-        row = add("kernel g_q^T Σ̂_K g_j (kept adapters)", kern, K=k)
+        row = add(f"kernel g_q^T Σ̂_K g_j (kept adapters{label})", kern, K=k)
         row["spearman_vs_daunce_loss_cov"] = rowwise(kern, daunce_cov)[0]
         kernels[k] = row
     # (iii) the K → ∞ limit of Σ when a perturbation is one Adam step: Δ_k = −lr·sign(∇ objective at θ₀)
@@ -616,6 +644,32 @@ def decompose(run, rows, b, K, steps, perturbation_plan, adapter_dir, covariance
         sub = plan.subset.numpy()
         u = ((gamma - w[sub])[:, None] * gt[sub]).mean(0)
         return -lr * np.sign(u)
+
+    def objective_gradient(k: int) -> np.ndarray:  # ∇ of γ·(ℓ_i − ℓ_i(θ₀)) − w_i⟨f − f₀, ∂ℓ_i/∂f⟩ at θ₀, mean on D_k
+        plan = perturbation_plan(pseed, k, N, ratio)
+        w = 1.0 + rho * (2.0 * plan.xi.double().numpy() - 1.0)
+        sub = plan.subset.numpy()
+        return ((gamma - w[sub])[:, None] * gt[sub]).mean(0)
+
+    if Hd is not None:
+        star = -np.linalg.solve(Hd, np.stack([objective_gradient(k) for k in ks]).T).T  # [Ka, P]
+
+        def cos(a, c):
+            return float(np.dot(a, c) / np.linalg.norm(a) / np.linalg.norm(c))
+
+        cosines = [cos(a, c) for a, c in zip(star, delta, strict=True)]
+        out["minimiser_step"] = {
+            "cosine_mean": float(np.mean(cosines)), "cosine_min": float(np.min(cosines)),
+            "cosine_max": float(np.max(cosines)),
+            "norm_ratio_mean": float(np.mean(np.linalg.norm(delta, axis=1) / np.linalg.norm(star, axis=1))),
+            "cosine_of_centred": float(np.mean([cos(a, c) for a, c in zip(star - star.mean(0), delta - delta.mean(0),
+                                                                            strict=True)])),
+            "cosine_to_one_step_sign": float(np.mean([cos(-np.sign(objective_gradient(k)), c)
+                                                      for k, c in zip(ks, delta, strict=True)]))}
+        for k in [k for k in KS if k <= len(ks)]:
+            d = star[:k] - star[:k].mean(0)
+            add(f"kernel g_q^T Σ(δ*)_K g_j (minimiser steps of these draws{label})", gq @ (d.T @ d) @ gt.T / (k - 1),
+                K=k)
 
     pred_delta = np.stack([first_step(k) for k in ks])
     out["one_step_sign_model"] = {"agreement_with_kept_adapters": float((np.sign(pred_delta) == np.sign(delta)).mean()),
@@ -666,10 +720,15 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=16, help="response positions per Jacobian batch")
     ap.add_argument("--target-set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--daunce-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="overrides for both Daunce variants")
+                    help="overrides for every Daunce run")
+    ap.add_argument("--daunce-variant", action="append", default=[], metavar="NAME:KEY=VALUE,KEY=VALUE",
+                    help="an extra Daunce run (adapter=continue, keep_adapters=true, these overrides) into "
+                         "WORK/daunce-NAME, scored like the continue run (repeatable)")
+    ap.add_argument("--k-variant", type=int, default=32, help="perturbations of each --daunce-variant")
     ap.add_argument("--stop-after", choices=("data", "target", "brute", "gradients", "daunce"))
     ap.add_argument("--json", type=Path, help="write the figures here (default WORK/results.json)")
     args = ap.parse_args()
+    extra_runs = [parse_variant(v) for v in args.daunce_variant]
     setup_logging(logging.INFO)
     import torch
 
@@ -691,9 +750,12 @@ def main() -> None:
     runs = {"continue": daunce("continue", args.k, target, paths, work, args.daunce_set)}
     if args.k_new:
         runs["new"] = daunce("new", args.k_new, target, paths, work, args.daunce_set)
+    for name, pairs in extra_runs:
+        runs[name] = daunce(name, args.k_variant, target, paths, work, args.daunce_set, variant=pairs)
     if args.stop_after == "daunce":
         return
-    results = analyse(work, grad_scores, runs, args.curvature, args.damping, args.seed)
+    results = analyse(work, grad_scores, runs, args.curvature, args.damping, args.seed,
+                      continued=("continue", *(name for name, _ in extra_runs)))
     results["model"] = args.model
     results["target_seconds"] = json.loads((work / "target_wall.json").read_text())["seconds"]
     results["target"] = json.loads((target / "manifest.json").read_text())
