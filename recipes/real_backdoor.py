@@ -191,7 +191,7 @@ def daunce_size_and_noise(run: Path, theta0_loss: float, query_ids: list[str], f
               for part in (rows[:half], rows[half:2 * half])]
     rel = [spearmanr(np.asarray(halves[0][i]), np.asarray(halves[1][i]))[0] for i in q_rows]
     return {"theta_ratio": round(ratio, 4), "split_half_spearman": round(float(np.mean(rel)), 4),
-            "k": len(rows)}
+            "perturbations_scored": len(rows)}
 
 
 def main() -> None:
