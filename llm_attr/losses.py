@@ -27,12 +27,18 @@ def native_bf16(device: torch.device | str) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        try:
-            flags = open("/proc/cpuinfo").read()
-        except OSError:
-            return False
-        return " avx512_bf16" in flags or " amx_bf16" in flags
+        return _cpu_has_bf16()
     return False
+
+
+@functools.cache
+def _cpu_has_bf16() -> bool:
+    """Read once per process: `autocast` asks on every batch."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def autocast(precision: str, device: torch.device | str):
@@ -48,7 +54,7 @@ def autocast(precision: str, device: torch.device | str):
 
 @functools.cache
 def _warn_emulated_bf16() -> None:
-    if not native_bf16("cpu"):  # measured on an AMD EPYC without it: a SmolLM2 forward 6x, a LoRA step ~40x fp32's time
+    if not _cpu_has_bf16():  # measured on an AMD EPYC without it: a SmolLM2 forward 6x, a LoRA step ~40x fp32's time
         logger.warning("precision bf16 on a CPU without avx512_bf16 / AMX: bf16 is emulated there and far slower "
                        "than fp32; use precision auto (bf16 only where native) or fp32")
 

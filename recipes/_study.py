@@ -105,3 +105,27 @@ def method_scores(name: str, run: Path, query_ids: list[str], n_train: int, seed
     scores, ids, _ = load_scores(run)
     rows = [ids.index(q) for q in query_ids]
     return scores[rows], json.loads((run / "wall.json").read_text())["seconds"]
+
+
+def perturbation_rows(run: Path) -> list[dict]:
+    """The loss-matrix rows of a Daunce (or black-box) run directory, one dict of tensors per perturbation, in order."""
+    from safetensors.torch import load_file
+
+    return [load_file(str(f)) for f in sorted((run / "shards").glob("perturbation-*.safetensors"))]
+
+
+def theta0_train_loss(target: Path, train: Path, max_length: int, cache: Path | None = None) -> float:
+    """Mean training loss (mean token NLL over response tokens) under the target θ₀; kept in `cache` if given."""
+    if cache is not None and cache.exists():
+        return json.loads(cache.read_text())["loss"]
+    from llm_attr.data.records import load_records
+    from llm_attr.data.tokenize import pad_id_of, tokenize_records
+    from llm_attr.losses import evaluate_signal
+    from llm_attr.models.loading import load_model
+
+    loaded = load_model(str(target))
+    examples, _ = tokenize_records(load_records(train), loaded.tokenizer, max_length)
+    loss = float(evaluate_signal(loaded.model, examples, pad_id_of(loaded.tokenizer)).mean())
+    if cache is not None:
+        cache.write_text(json.dumps({"loss": loss}))
+    return loss

@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -33,6 +34,9 @@ from llm_attr.methods.daunce import Daunce, DaunceConfig, shard_name
 from llm_attr.scoring import covariance_scores
 from llm_attr.store import Store
 from llm_attr.utils import setup_logging
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _study import theta0_train_loss  # noqa: E402
 
 logger = logging.getLogger("daunce_backdoor_sweep")
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,17 +60,6 @@ def make_target(work: Path, seed: int = 0) -> tuple[Path, Path, Path]:
     if rate < 0.9:
         raise SystemExit(f"the target follows the backdoor on only {rate:.0%} of triggered prompts (< 90%)")
     return target, train_path, query_path
-
-
-def theta0_loss(target: Path, train_path: Path) -> float:
-    """Mean training loss (mean NLL over response tokens) of the target θ₀, the reference for the drift column."""
-    from llm_attr.data.tokenize import pad_id_of, tokenize_records
-    from llm_attr.losses import evaluate_signal
-    from llm_attr.models.loading import load_model
-
-    loaded = load_model(str(target))
-    examples, _ = tokenize_records(load_records(train_path), loaded.tokenizer, 512)
-    return float(evaluate_signal(loaded.model, examples, pad_id_of(loaded.tokenizer)).mean())
 
 
 def evaluate(run: Path, ks: list[int], poisoned: list[bool]) -> list[dict]:
@@ -116,7 +109,7 @@ def main() -> None:
     work = Path(args.work)
     target, train_path, query_path = make_target(work / f"data-seed{args.seed}", args.seed)
     poisoned = [bool(r.metadata.get("poisoned")) for r in load_records(train_path)]
-    base_loss = theta0_loss(target, train_path)
+    base_loss = theta0_train_loss(target, train_path, 512)  # the drift column's reference
     all_rows = []
     for text in args.variant or ["default"]:
         name, overrides = parse_variant(text)

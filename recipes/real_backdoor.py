@@ -30,7 +30,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _study import build_target, is_main, load_scores, run_method, wait_for  # noqa: E402
+from _study import (  # noqa: E402
+    build_target,
+    is_main,
+    load_scores,
+    perturbation_rows,
+    run_method,
+    theta0_train_loss,
+    wait_for,
+)
 
 from llm_attr.config import load_config, parse_overrides  # noqa: E402
 from llm_attr.data.realistic_backdoor import make_realistic_backdoor, refusal_follows  # noqa: E402
@@ -128,16 +136,14 @@ def removal(name: str, scores: np.ndarray, query_ids: list[str], rates: dict, pa
     return result
 
 
-def daunce_breakdown(run: Path, query_ids: list[str], fired: list[str], kinds: list[str]) -> dict:
+def daunce_breakdown(rows: list[dict], query_ids: list[str], fired: list[str], kinds: list[str]) -> dict:
     """AUPRC of every signal x measure (and of the block rows, `/blocks`, when the run recorded them) at each
     K = 4, 8, ... up to the run's K, and at the run's K (first K perturbations)."""
     import torch
-    from safetensors.torch import load_file
 
     from llm_attr.methods.daunce_blocks import stacked_block_rows
     from llm_attr.scoring import covariance_scores
 
-    rows = [load_file(str(f)) for f in sorted((run / "shards").glob("perturbation-*.safetensors"))]
     ks = sorted({k for k in (4, 8, 16, 32, 64) if k <= len(rows)} | {len(rows)})
     row_kinds = ("full", "blocks") if "train_loss_blocks" in rows[0] else ("full",)
     out = {}
@@ -156,33 +162,15 @@ def daunce_breakdown(run: Path, query_ids: list[str], fired: list[str], kinds: l
     return out
 
 
-def theta0_train_loss(target: Path, train: Path, work: Path) -> float:
-    """Mean training loss (mean token NLL over response tokens) under the target θ₀, cached in WORK."""
-    out = work / "theta0_train_loss.json"
-    if out.exists():
-        return json.loads(out.read_text())["loss"]
-    from llm_attr.data.tokenize import pad_id_of, tokenize_records
-    from llm_attr.losses import evaluate_signal
-    from llm_attr.models.loading import load_model
-
-    loaded = load_model(str(target))
-    examples, _ = tokenize_records(load_records(train), loaded.tokenizer, 128)
-    loss = float(evaluate_signal(loaded.model, examples, pad_id_of(loaded.tokenizer)).mean())
-    out.write_text(json.dumps({"loss": loss}))
-    return loss
-
-
-def daunce_size_and_noise(run: Path, theta0_loss: float, query_ids: list[str], fired: list[str]) -> dict:
+def daunce_size_and_noise(rows: list[dict], theta0_loss: float, query_ids: list[str], fired: list[str]) -> dict:
     """How far the perturbations moved (θ_k/θ₀: mean training loss under the θ_k over that under θ₀) and how much
     of the score is noise (split-half reliability: Spearman between the margin/corr scores of perturbations
     0..K/2-1 and K/2..K-1, mean over the fired queries)."""
     import torch
-    from safetensors.torch import load_file
     from scipy.stats import spearmanr
 
     from llm_attr.scoring import covariance_scores
 
-    rows = [load_file(str(f)) for f in sorted((run / "shards").glob("perturbation-*.safetensors"))]
     ratio = float(torch.stack([r["train_loss"] for r in rows]).mean()) / theta0_loss
     half = len(rows) // 2
     q_rows = [query_ids.index(q) for q in fired]
@@ -244,9 +232,10 @@ def main() -> None:
             seconds = json.loads((run / "wall.json").read_text())["seconds"]
         results["methods"][name] = {**metrics(scores, query_ids, rates["fired"], kinds), "seconds": seconds}
         if name.startswith("daunce"):
-            results["methods"][name]["auprc_by_scoring"] = daunce_breakdown(run, query_ids, rates["fired"], kinds)
-            results["methods"][name].update(daunce_size_and_noise(
-                run, theta0_train_loss(target, paths["train"], work), query_ids, rates["fired"]))
+            rows = perturbation_rows(run)
+            results["methods"][name]["auprc_by_scoring"] = daunce_breakdown(rows, query_ids, rates["fired"], kinds)
+            theta0 = theta0_train_loss(target, paths["train"], 128, work / "theta0_train_loss.json")
+            results["methods"][name].update(daunce_size_and_noise(rows, theta0, query_ids, rates["fired"]))
             results["methods"][name]["config"] = json.loads((run / "manifest.json").read_text()).get("config")
         if name in args.removal:
             results["methods"][name]["removal"] = removal(
