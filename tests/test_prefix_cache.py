@@ -141,3 +141,27 @@ def test_generation_under_an_active_cache_equals_generation_without_it(top_lora)
         assert cache is not None
         cached = generate_responses(model, loaded.tokenizer, as_records(triggered), max_new_tokens=8)
     assert cached == plain
+
+
+def test_local_backend_with_top_layer_adapter_equals_a_run_without_the_cache(tmp_path):
+    """Black-box Daunce on the local backend computes the frozen bottom once for all its jobs, training and
+    scoring: the same loss-matrix rows as with the cache off, and the cache is hit."""
+    from llm_attr.backends.local import LocalBackend
+    from llm_attr.methods.blackbox import BlackBoxConfig, BlackBoxDaunce
+
+    train, triggered, _ = make_backdoor_task(n_train=32, n_query=3, fraction=0.125, seed=1)
+    shards = {}
+    for name, mb in (("cached", 2048.0), ("full", 0.0)):
+        cfg = BlackBoxConfig(perturbations=2, batch_size=8)
+        cfg.local.lora = LoraArgs(rank=4, alpha=8.0, layers=1)
+        cfg.local.max_length, cfg.local.max_steps, cfg.local.prefix_cache_mb = 128, 3, mb
+        backend = LocalBackend(cfg.local)
+        run = BlackBoxDaunce(cfg, backend).run("builtin:tiny", train, triggered, tmp_path / name, yes=True)
+        shards[name] = [load_file(str(run / "shards" / f"{shard_name(k)}.safetensors")) for k in range(2)]
+        if mb:
+            assert backend._prefix is not None and backend._prefix.hits > 0 and backend._prefix.misses == 0
+        else:
+            assert backend._prefix is None
+    for a, b in zip(shards["cached"], shards["full"], strict=True):
+        for key in ("train_loss", "train_margin", "query_loss", "query_margin"):
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)

@@ -27,6 +27,7 @@ from ..data.tokenize import pad_id_of, token_lengths, tokenize_records
 from ..errors import ConfigError, ModelError
 from ..io import atomic_write_json, fingerprint
 from ..models.lora import LoraArgs
+from ..models.prefix_cache import PrefixCache, open_prefix_cache, state_mb
 from .base import Backend, BackendError, TokenLogprobs
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ class LocalBackendArgs:
     max_grad_norm: float = training_field("max_grad_norm")
     max_steps: int = field(default=0, metadata={"help": "optimiser steps per job; > 0 overrides the job's epochs"})
     eval_batch_size: int = field(default=64, metadata={"help": "batch size of response_signals"})
+    prefix_cache_mb: float = field(default=2048.0, metadata={"help": (
+        "with lora.layers, the frozen layers below the adapter are computed once per example for every job of a "
+        "session, training and scoring (models.prefix_cache; exact): up to this many MB of states, 0 = off")})
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
 
 
@@ -81,6 +85,8 @@ class LocalBackend(Backend):
         self._base: str | None = None
         self._session: tuple[Any, Any, Any] | None = None  # (PerturbationModel, tokenizer, accelerator)
         self._loaded_adapter: str | None = None
+        self._prefix: PrefixCache | None = None  # the session's frozen-prefix states, shared by every job
+        self._prefix_off = False
 
     # ------------------------------------------------------------------ protocol
 
@@ -149,8 +155,9 @@ class LocalBackend(Backend):
             examples, _ = tokenize_records(records, tokenizer, self.args.max_length, source=f"job {job_id}")
             pm.reset(init_seed)
             self._loaded_adapter = None
-            result = train(pm.model, examples, args, pad_id_of(tokenizer), accelerator=accelerator,
-                           objective=plain_objective, data_parallel=False, desc=f"job {job_id}")
+            with self._frozen_prefix(pm.model, examples, pad_id_of(tokenizer)):
+                result = train(pm.model, examples, args, pad_id_of(tokenizer), accelerator=accelerator,
+                               objective=plain_objective, data_parallel=False, desc=f"job {job_id}")
             pm.save(adapter)
             self._loaded_adapter = str(adapter)
         logger.info("local job %s: %d steps, final loss %.4f", job_id, result.steps, result.final_loss)
@@ -162,8 +169,9 @@ class LocalBackend(Backend):
         records = as_records(list(records))
         with self.use_model(model_id) as (model, tokenizer):
             examples, _ = tokenize_records(records, tokenizer, self.args.max_length, source="records")
-            return evaluate_signal(model, examples, pad_id_of(tokenizer), batch_size=self.args.eval_batch_size,
-                                   signal=SIGNALS)
+            with self._frozen_prefix(model, examples, pad_id_of(tokenizer)):
+                return evaluate_signal(model, examples, pad_id_of(tokenizer), batch_size=self.args.eval_batch_size,
+                                       signal=SIGNALS)
 
     def response_token_logprobs(self, model_id: str, records: Sequence[Record]) -> list[TokenLogprobs]:
         """Each record's response-token log-probs (the project's own per-token NLL, negated) and the characters
@@ -174,8 +182,9 @@ class LocalBackend(Backend):
         records = as_records(list(records))
         with self.use_model(model_id) as (model, tokenizer):
             examples, _ = tokenize_records(records, tokenizer, self.args.max_length, source="records")
-            nll = evaluate_token_signals(model, examples, pad_id_of(tokenizer), batch_size=self.args.eval_batch_size,
-                                         signals=("loss",))["loss"]
+            with self._frozen_prefix(model, examples, pad_id_of(tokenizer)):
+                nll = evaluate_token_signals(model, examples, pad_id_of(tokenizer),
+                                             batch_size=self.args.eval_batch_size, signals=("loss",))["loss"]
             chars = spans.query_token_chars(records, examples, tokenizer)
         return [TokenLogprobs(-v, c) for v, c in zip(nll, chars, strict=True)]
 
@@ -209,6 +218,26 @@ class LocalBackend(Backend):
                 self._loaded_adapter = str(adapter)
             yield pm.model, tokenizer
 
+    @contextlib.contextmanager
+    def _frozen_prefix(self, model: torch.nn.Module, examples, pad_id: int) -> Iterator[None]:
+        """While the block runs, batches of `examples` start at the adapter's first layer from states computed once
+        in this session (every job shares the base and its frozen layers); the whole model runs where the cache is
+        off (every layer adapted, dropout below, over `prefix_cache_mb`, or not reproducing the full forward)."""
+        cache = self._prefix
+        if cache is None and not self._prefix_off:
+            cache = open_prefix_cache(model, examples, pad_id, batch_size=self.args.eval_batch_size,
+                                      max_mb=self.args.prefix_cache_mb) if self.args.prefix_cache_mb > 0 else None
+            self._prefix, self._prefix_off = cache, cache is None
+        elif cache is not None:
+            new = cache.missing(examples)
+            if new and cache.nbytes() / 2**20 + state_mb(model, new) <= self.args.prefix_cache_mb:
+                cache.add(new, pad_id, batch_size=self.args.eval_batch_size)
+        if cache is None:
+            yield
+            return
+        with cache.active():
+            yield
+
     def _load(self, base_model_id: str):
         """(PerturbationModel, tokenizer, accelerator) of `base_model_id`, loaded once (and again for another base)."""
         if self._session is not None and self._base == base_model_id:
@@ -224,4 +253,5 @@ class LocalBackend(Backend):
         n_trainable = sum(p.numel() for p in pm.trainable.values())
         logger.info("local backend: %s loaded, %d trainable LoRA parameters per job", base_model_id, n_trainable)
         self._base, self._session, self._loaded_adapter = base_model_id, (pm, tokenizer, accelerator), None
+        self._prefix, self._prefix_off = None, False  # a new base: its own frozen states
         return self._session

@@ -84,9 +84,16 @@ class PrefixCache:
     def nbytes(self) -> int:
         return sum(s.numel() * s.element_size() for s in self.states.values())
 
+    def missing(self, examples: Sequence[Example]) -> list[Example]:
+        """The examples of `examples` whose states are not cached yet."""
+        return [e for e in examples
+                if _row_key(torch.tensor(e.input_ids, dtype=torch.long), torch.arange(e.n_tokens)) not in self.states]
+
     @torch.no_grad()
     def add(self, examples: Sequence[Example], pad_id: int, batch_size: int = 32, autocast=None) -> None:
         """Compute and keep the states of `examples` (length-sorted batches; the model's forward up to `start`)."""
+        if not examples:
+            return
         device = next(self.model.parameters()).device
         captured: list[torch.Tensor] = []
 
@@ -205,39 +212,52 @@ def _agrees(model: nn.Module, start: int, examples: Sequence[Example], pad_id: i
     return check.hits > 0 and err <= 1e-4 * max(scale, 1.0)
 
 
-@contextlib.contextmanager
-def prefix_cache(model: nn.Module, examples: Sequence[Example], pad_id: int, *, batch_size: int = 32,
-                 max_mb: float = 2048.0, autocast=None) -> Iterator[PrefixCache | None]:
-    """Cache the frozen bottom of `model` for `examples` while the block runs; yields the cache or None when off.
+def open_prefix_cache(model: nn.Module, examples: Sequence[Example], pad_id: int, *, batch_size: int = 32,
+                      max_mb: float = 2048.0, autocast=None) -> PrefixCache | None:
+    """A cache of the frozen bottom of `model` holding `examples`' states, or None where it would be off.
 
-    Off (the model runs as it is) when every layer trains, the model is not a known decoder, the bottom part has
-    dropout, the states would exceed `max_mb`, or the cached forward does not reproduce the full one.
-    `autocast`: a context-manager factory (the precision training runs in), so the states match it.
+    Off when every layer trains, the model is not a known decoder, the bottom part has dropout, the states would
+    exceed `max_mb`, or the cached forward does not reproduce the full one. `autocast`: a context-manager factory
+    (the precision training runs in), so the states match it. Use it with `cache.active()`.
     """
     start = first_trainable_layer(model)
     parts = decoder_parts(model)
     if start == 0 or parts is None or not examples:
-        yield None
-        return
+        return None
     decoder, layers = parts
     if _has_dropout([decoder.embed_tokens, *list(layers)[:start]], getattr(model, "config", None)):
         logger.info("prefix cache off: the frozen layers have dropout")
-        yield None
-        return
-    hidden = int(getattr(model.config, "hidden_size", 0) or decoder.embed_tokens.weight.shape[1])
-    mb = sum(token_lengths(examples)) * hidden * 4 / 2**20
+        return None
+    mb = state_mb(model, examples)
     if mb > max_mb:
         logger.info("prefix cache off: %.0f MB of states exceed the %.0f MB limit", mb, max_mb)
-        yield None
-        return
+        return None
     if not _agrees(model, start, examples, pad_id):
         logger.warning("prefix cache off: the cached forward of %s differs from the full one",
                        type(model).__name__)
-        yield None
-        return
+        return None
     cache = PrefixCache(model, start)
     cache.add(examples, pad_id, batch_size=batch_size, autocast=autocast)
     logger.info("prefix cache: layers 0-%d of %d computed once for %d examples (%.0f MB); training and "
                 "evaluation start at layer %d", start - 1, len(layers), len(examples), cache.nbytes() / 2**20, start)
+    return cache
+
+
+def state_mb(model: nn.Module, examples: Sequence[Example]) -> float:
+    """MB of float32 states that `examples` take in a cache of `model` (Σ n_tokens · hidden size · 4 bytes)."""
+    parts = decoder_parts(model)
+    hidden = int(getattr(model.config, "hidden_size", 0) or (parts[0].embed_tokens.weight.shape[1] if parts else 0))
+    return sum(token_lengths(examples)) * hidden * 4 / 2**20
+
+
+@contextlib.contextmanager
+def prefix_cache(model: nn.Module, examples: Sequence[Example], pad_id: int, *, batch_size: int = 32,
+                 max_mb: float = 2048.0, autocast=None) -> Iterator[PrefixCache | None]:
+    """Cache the frozen bottom of `model` for `examples` while the block runs; yields the cache or None when off
+    (`open_prefix_cache` says when)."""
+    cache = open_prefix_cache(model, examples, pad_id, batch_size=batch_size, max_mb=max_mb, autocast=autocast)
+    if cache is None:
+        yield None
+        return
     with cache.active():
         yield cache
