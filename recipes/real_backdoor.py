@@ -182,6 +182,30 @@ def daunce_size_and_noise(rows: list[dict], theta0_loss: float, query_ids: list[
             "perturbations_scored": len(rows)}
 
 
+def span_scores(name: str, run: Path, query: Path, work: Path, span: str) -> dict[str, np.ndarray]:
+    """The method's scores of the queries measured on `span` of their responses only (`data.spans`), from its stored
+    run: a Daunce run rescored from its per-token query rows (margin/corr and loss/corr), a gradient run's training
+    gradients reused (only the queries' span gradients are computed, into WORK/<name>-span)."""
+    from safetensors.numpy import load_file
+
+    if name.startswith("daunce"):
+        from llm_attr.methods.daunce_store import score_run
+
+        out = {}
+        for signal in ("margin", "loss"):
+            info = score_run(run, measure="corr", signal=signal, query_span=span)
+            out[f"{signal}/corr"] = load_file(str(Path(info["files"]) / "scores.safetensors"))["scores"]
+        cfg = json.loads((run / "manifest.json").read_text())["config"]
+        score_run(run, measure=cfg["measure"], signal=cfg["signal"])  # publish the run's own scoring again
+        return out
+    from llm_attr.methods.gradient_attribution import query_run
+
+    out_dir = work / f"{name}-span"
+    if not (out_dir / "scores.safetensors").is_file():
+        query_run(run, query, out_dir, query_span=span)
+    return {"default": load_scores(out_dir)[0]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin:smollm2-135m")
@@ -196,6 +220,10 @@ def main() -> None:
     ap.add_argument("--removal", nargs="*", default=[], metavar="METHOD",
                     help="methods whose top-k (union over the fired queries, k = #poisoned) are removed and the "
                          "target retrained from the base, then the fired queries re-checked (one fine-tune each)")
+    ap.add_argument("--query-span", metavar="SPAN",
+                    help="also score every method with the queries measured on this span of the response only "
+                         "(data.spans, e.g. 're:^I.m sorry': the tokens where the backdoor decides), reported as "
+                         "METHOD@span")
     ap.add_argument("--json", type=Path, help="write the figures here (default WORK/results.json)")
     args = ap.parse_args()
     setup_logging(logging.INFO)
@@ -237,6 +265,13 @@ def main() -> None:
             theta0 = theta0_train_loss(target, paths["train"], 128, work / "theta0_train_loss.json")
             results["methods"][name].update(daunce_size_and_noise(rows, theta0, query_ids, rates["fired"]))
             results["methods"][name]["config"] = json.loads((run / "manifest.json").read_text()).get("config")
+        if args.query_span and name != "random":
+            for scoring, span_s in span_scores(name, run, paths["query_triggered"], work, args.query_span).items():
+                key = f"{name}@span" + ("" if scoring in ("default", "margin/corr") else f" {scoring}")
+                results["methods"][key] = {**metrics(span_s, query_ids, rates["fired"], kinds),
+                                           "query_span": args.query_span}
+                logger.info("%-18s AUPRC %.3f (query span %r)", key, results["methods"][key]["auprc"],
+                            args.query_span)
         if name in args.removal:
             results["methods"][name]["removal"] = removal(
                 name, scores, query_ids, rates, paths, work, args.model, args.target_set,
