@@ -124,7 +124,6 @@ class Retrainer:
         self._stack = contextlib.ExitStack()
         self.cache = self._stack.enter_context(prefix_cache(self.pm.model, self.examples, self.pad_id,
                                                             batch_size=args.batch_size, autocast=self._autocast))
-        self._cached_queries: set[str] = set()
 
     def close(self) -> None:
         """Leave the prefix cache (the model runs whole again)."""
@@ -152,10 +151,8 @@ class Retrainer:
         """`[len(records)]` float32: mean NLL of each record's response (or its `query_span`: the span's tokens
         only) under the current model."""
         examples = self.query_examples(records, query_span)
-        new = [e for e in examples if e.id not in self._cached_queries]
-        if self.cache is not None and new:
-            self.cache.add(new, self.pad_id, batch_size=batch_size, autocast=self._autocast)
-            self._cached_queries.update(e.id for e in new)
+        if self.cache is not None:
+            self.cache.add(self.cache.missing(examples), self.pad_id, batch_size=batch_size, autocast=self._autocast)
         return evaluate_signal(self.pm.model, examples, self.pad_id, batch_size=batch_size)
 
 
