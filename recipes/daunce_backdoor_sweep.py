@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -92,7 +93,7 @@ def evaluate(run: Path, ks: list[int], poisoned: list[bool]) -> list[dict]:
 
 def parse_variant(text: str) -> tuple[str, dict]:
     name, _, sets = text.partition(":")
-    return name, parse_overrides([s for s in sets.split(",") if s]) if sets else {}
+    return name, parse_overrides([s for s in re.split(r",(?![^\[]*\])", sets) if s]) if sets else {}
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ def main() -> None:
     rows = []
     for text in args.variant or ["default"]:
         name, _, sets = text.partition(":")
-        overrides = parse_overrides([s for s in sets.split(",") if s]) if sets else {}
+        overrides = parse_overrides([s for s in re.split(r",(?![^\[]*\])", sets) if s]) if sets else {}
         overrides.update(perturbations=max(args.ks), keep_adapters=False, max_length=384)
         cfg = load_config(DaunceConfig, args.config, overrides)
         out = work / f"variant-{name}"

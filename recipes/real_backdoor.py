@@ -185,7 +185,7 @@ def daunce_size_and_noise(rows: list[dict], theta0_loss: float, query_ids: list[
 def span_scores(name: str, run: Path, query: Path, work: Path, span: str) -> dict[str, np.ndarray]:
     """The method's scores of the queries measured on `span` of their responses only (`data.spans`), from its stored
     run: a Daunce run rescored from its per-token query rows (margin/corr and loss/corr), a gradient run's training
-    gradients reused (only the queries' span gradients are computed, into WORK/<name>-span)."""
+    gradients reused (only the queries' span gradients are computed, into WORK/<name>-span-<hash>)."""
     from safetensors.numpy import load_file
 
     if name.startswith("daunce"):
@@ -198,9 +198,10 @@ def span_scores(name: str, run: Path, query: Path, work: Path, span: str) -> dic
         cfg = json.loads((run / "manifest.json").read_text())["config"]
         score_run(run, measure=cfg["measure"], signal=cfg["signal"])  # publish the run's own scoring again
         return out
+    from llm_attr.data.spans import span_tag
     from llm_attr.methods.gradient_attribution import query_run
 
-    out_dir = work / f"{name}-span"
+    out_dir = work / f"{name}{span_tag(span)}"  # one directory per span: another span never reuses these scores
     if not (out_dir / "scores.safetensors").is_file():
         query_run(run, query, out_dir, query_span=span)
     return {"default": load_scores(out_dir)[0]}
