@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -129,3 +130,9 @@ def theta0_train_loss(target: Path, train: Path, max_length: int, cache: Path | 
     if cache is not None:
         cache.write_text(json.dumps({"loss": loss}))
     return loss
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """`"name:key=value,key=[a,b]"` -> `("name", overrides)` (commas inside brackets belong to a list value)."""
+    name, _, sets = text.partition(":")
+    return name, parse_overrides([s for s in re.split(r",(?![^\[]*\])", sets) if s]) if sets else {}

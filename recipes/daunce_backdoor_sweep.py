@@ -21,14 +21,13 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from llm_attr.config import load_config, parse_overrides
+from llm_attr.config import load_config
 from llm_attr.data.records import load_records, save_jsonl
 from llm_attr.evaluation.metrics import retrieval_metrics
 from llm_attr.methods.daunce import Daunce, DaunceConfig, shard_name
@@ -37,7 +36,7 @@ from llm_attr.store import Store
 from llm_attr.utils import setup_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _study import theta0_train_loss  # noqa: E402
+from _study import parse_variant, theta0_train_loss  # noqa: E402
 
 logger = logging.getLogger("daunce_backdoor_sweep")
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,11 +88,6 @@ def evaluate(run: Path, ks: list[int], poisoned: list[bool]) -> list[dict]:
                              "precision_at_poisoned": sum(b[f"precision@{sum(poisoned)}"] for b in blocks) / len(blocks),
                              "chance": blocks[0]["chance"]})
     return rows
-
-
-def parse_variant(text: str) -> tuple[str, dict]:
-    name, _, sets = text.partition(":")
-    return name, parse_overrides([s for s in re.split(r",(?![^\[]*\])", sets) if s]) if sets else {}
 
 
 def main() -> None:

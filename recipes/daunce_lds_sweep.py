@@ -20,15 +20,17 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "recipes"))
 
-from llm_attr.config import load_config, parse_overrides  # noqa: E402
+from _study import parse_variant  # noqa: E402
+
+from llm_attr.config import load_config  # noqa: E402
 from llm_attr.evaluation.compare import load_scores  # noqa: E402
 from llm_attr.evaluation.metrics import lds  # noqa: E402
 from llm_attr.evaluation.retrain import load_ground_truth  # noqa: E402
@@ -56,8 +58,8 @@ def main() -> None:
     gt = load_ground_truth(paths["ground_truth"])
     rows = []
     for text in args.variant or ["default"]:
-        name, _, sets = text.partition(":")
-        overrides = parse_overrides([s for s in re.split(r",(?![^\[]*\])", sets) if s]) if sets else {}
+        name, overrides = parse_variant(text)
+        sets = text.partition(":")[2]
         overrides.update(perturbations=max(args.ks), keep_adapters=False, max_length=384)
         cfg = load_config(DaunceConfig, args.config, overrides)
         out = work / f"variant-{name}"
