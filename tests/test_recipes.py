@@ -18,3 +18,13 @@ def test_recipe_imports_and_prints_its_help(recipe):
     done = subprocess.run([sys.executable, str(recipe), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout and "--work" in done.stdout
+
+
+def test_a_sweep_variant_may_carry_a_list_value():
+    sys.path.insert(0, str(RECIPES[0].parent))
+    from _study import parse_variant
+
+    name, overrides = parse_variant("mlp:lora.target_modules=[gate_proj,up_proj,down_proj],lora.rank=8")
+    assert name == "mlp"
+    assert overrides == {"lora": {"target_modules": ["gate_proj", "up_proj", "down_proj"], "rank": 8}}
+    assert parse_variant("default") == ("default", {})
