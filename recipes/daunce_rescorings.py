@@ -1,10 +1,12 @@
-"""Alternative scorings of a stored Daunce run of `recipes/real_backdoor.py` (issue 18, lever 3): no training.
+"""Alternative scorings of a stored Daunce run of `recipes/real_backdoor.py` (docs/results.md, the Daunce levers): no training.
 
     python recipes/daunce_rescorings.py --work runs/tiny_bd --run daunce32
 
 For margin and loss rows, mean AUPRC of the poisoned examples over the fired queries of:
 - `modes R`: corr / cov after projecting the top R common modes of the centred train rows (over k) out of both
   the query and the train rows (the shared-response direction, if it is a mode of its own);
+- `minus mean shift`: corr / cov after projecting out the per-k mean shift of all train signals;
+  printed with it: the top mode's share of the rows' variance and its |cos| with that shift;
 - `out` / `in`: corr / cov over only the perturbations whose subset D_k leaves example j out (or takes it in);
 - `in-minus-out`: the datamodel contrast, mean query signal change with j in D_k minus with j out.
 """
@@ -67,7 +69,16 @@ def main() -> None:
         q = torch.stack([r[f"query_{signal}"] for r in rows]).double()
         t = torch.stack([r[f"train_{signal}"] for r in rows]).double()
         qc, tc = q - q.mean(0), t - t.mean(0)
-        u = torch.linalg.svd(tc, full_matrices=False)[0]  # [K, K]: the train rows' modes over k
+        u, sv, _ = torch.linalg.svd(tc, full_matrices=False)  # u [K, K]: the train rows' modes over k
+        shift = tc.mean(1, keepdim=True)  # [K, 1]: every train example's signal moving together
+        out[f"{signal}/top mode variance share"] = round(float(sv[0] ** 2 / (sv ** 2).sum()), 4)
+        out[f"{signal}/top mode |cos| with the mean shift"] = round(float((u[:, 0] @ shift[:, 0]).abs() / shift.norm()), 4)
+        print(f"{signal}: top mode {out[f'{signal}/top mode variance share']:.0%} of the variance, |cos| with the "
+              f"mean shift {out[f'{signal}/top mode |cos| with the mean shift']:.3f}")
+        p = torch.eye(k, dtype=torch.float64) - (shift @ shift.T) / (shift.T @ shift)
+        for measure in ("corr", "cov"):
+            record(f"{signal}/{measure}/minus mean shift",
+                   np.asarray(covariance_scores((p @ qc).float(), (p @ tc).float(), measure=measure)))
         for n_modes in (0, 1, 2, 3):
             p = torch.eye(k, dtype=torch.float64) - u[:, :n_modes] @ u[:, :n_modes].T
             for measure in ("corr", "cov"):
