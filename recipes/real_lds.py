@@ -116,7 +116,9 @@ def daunce_rows(run: Path) -> tuple[dict[str, np.ndarray], list[float]]:
     done = set(store.complete_shards())
     names = [shard_name(k) for k in range(store.manifest["perturbations"]) if shard_name(k) in done]
     shards = [store.read_shard(n) for n in names]
-    seconds = [float((store.shard_info(n) or {}).get("meta", {}).get("seconds", 0.0)) for n in names]
+    metas = [(store.shard_info(n) or {}).get("meta", {}) for n in names]
+    # a process's once-only setup (prefix cache, θ₀'s outputs, K-FAC factors) is charged to its first shard
+    seconds = [float(m.get("seconds", 0.0)) + float(m.get("setup_seconds", 0.0)) for m in metas]
     rows = {key: np.stack([s[key].numpy() for s in shards]) for key in shards[0]
             if key.startswith(("train_", "query_")) and key.endswith(("_loss", "_margin", "_blocks"))}
     return rows, seconds

@@ -389,6 +389,15 @@ def test_backdoor_poisoned_examples_rank_well_above_chance(backdoor, tmp_path):
     assert m["auprc"] > 4 * m["chance"] and m["precision@12"] > 3 * m["chance"], m
 
 
+def test_backdoor_newton_steps_on_the_targets_adapter(backdoor, tmp_path):
+    """`solver: newton` on the target's own adapter (K-FAC Newton steps from θ₀), K = 16: the planted poison ranks
+    at the top (measured 0.99; AdamW perturbations at K = 16: 0.78)."""
+    cfg = load_config(DaunceConfig, ROOT / "configs" / "daunce.yaml",
+                      {"perturbations": 16, "solver": "newton", "adapter": "continue", "keep_adapters": False})
+    m = _backdoor_auprc(backdoor, tmp_path / "run", cfg)
+    assert m["auprc"] >= 0.9, m
+
+
 @pytest.mark.slow
 def test_backdoor_default_config_reaches_auprc_08(backdoor, tmp_path):
     """Done-when of issue 4: default settings, K <= 32, AUPRC >= 0.8 at a 5% poison rate."""

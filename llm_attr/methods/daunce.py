@@ -47,7 +47,7 @@ from ..models.prefix_cache import prefix_cache
 from ..results import AttributionResult
 from ..runner import PerturbationModel, load_target, swapped_weights  # noqa: F401 (also imported from here)
 from ..store import Store
-from ..training import TrainingArgs, plain_objective, train
+from ..training import TrainingArgs, TrainResult, plain_objective, train
 from ..utils import Overall
 from . import daunce_tokens
 from .daunce_blocks import RowBlocks, adapter_blocks, block_rows
@@ -74,7 +74,7 @@ from .daunce_store import (  # noqa: F401 (the store's names, also imported from
 logger = logging.getLogger(__name__)
 
 #: Files a run writes beside its store (deleted with it by --overwrite).
-RUN_OUTPUTS = ("scores.safetensors", "ids.json", "topk.md", "scores.json", "self_influence.safetensors",
+RUN_OUTPUTS = ("newton_factors", "scores.safetensors", "ids.json", "topk.md", "scores.json", "self_influence.safetensors",
                "self_influence.md", "prepared", "train.jsonl", "query.jsonl")
 #: Config keys that change how a run is computed or scored but not its shards: a re-run may change them.
 SHARD_NEUTRAL_KEYS = ("perturbations", "measure", "signal", "keep_adapters", "eval_batch_size", "theta0_cache_mb",
@@ -102,6 +102,17 @@ class DaunceConfig(TrainingArgs):
     lora: LoraArgs = field(default_factory=lambda: LoraArgs(rank=64, alpha=128.0, layers=4),
                            metadata={"help": "the perturbation adapter (adapter: new)"})
     keep_adapters: bool = field(default=True, metadata={"help": "keep RUN/adapters/k for `llm-attr query`"})
+    solver: Literal["adamw", "newton"] = field(default="adamw", metadata={"help": "one perturbation: adamw (the "
+                                         "TrainingArgs' optimiser steps) | newton (one damped K-FAC Newton step, the "
+                                         "minimiser of the objective's quadratic model; methods/daunce_newton.py)"})
+    newton_damping: float = field(default=0.1, metadata={"help": "solver newton: λ as a fraction of the mean "
+                                  "eigenvalue of each module's K-FAC curvature"})
+    newton_loss_ratio: float = field(default=1.05, metadata={"help": "solver newton: the steps' size, as the mean "
+                                     "training loss under θ₀ + δ over that under θ₀ (calibrated once, on perturbation "
+                                     "0's step over 64 training examples; the Newton step itself is far outside the "
+                                     "region where the loss is quadratic)"})
+    antithetic: bool = field(default=False, metadata={"help": "solver newton: evaluate θ₀ ± δ_k and record the "
+                             "half-difference of the two rows (cancels the second-order change every example shares)"})
     row_blocks: RowBlocks = field(default="none", metadata={"help": "also record each perturbation's rows with one "
                                   "block of its change at a time: none | layer | module (methods/daunce_blocks.py)"})
     eval_batch_size: int = field(default=64, metadata={"help": "batch size of the signal evaluation"})
@@ -118,7 +129,14 @@ class DaunceConfig(TrainingArgs):
             raise ValueError(f"subsample_ratio must be in (0, 1], got {self.subsample_ratio}")
         at_least(self, gamma=0, rho=0, seed=0, eval_batch_size=1)
         spans.check_span(self.query_span)
-        if not self.first_order and self.subsample_ratio == 1.0:
+        if self.solver not in ("adamw", "newton"):
+            raise ValueError(f"solver must be adamw or newton, got {self.solver!r}")
+        if self.antithetic and self.solver != "newton":
+            raise ValueError("antithetic: true needs solver: newton (a trained perturbation has no exact mirror)")
+        if self.antithetic and self.row_blocks != "none":
+            raise ValueError("antithetic: true does not combine with row_blocks")
+        at_least(self, newton_damping=0)
+        if not self.first_order and self.subsample_ratio == 1.0 and self.solver == "adamw":
             logger.warning("first_order: false with subsample_ratio: 1 leaves no data perturbation: the K runs "
                            "differ only by LoRA init and data order")
 
@@ -150,7 +168,8 @@ def perturbation_plan(seed: int, k: int, n_train: int, subsample_ratio: float) -
 
 
 #: keys added after stores were written: left out of the fingerprint at these values, so those stores stay valid
-LATER_KEYS = {"row_blocks": "none"}
+LATER_KEYS = {"row_blocks": "none", "solver": "adamw", "newton_damping": 0.1, "newton_loss_ratio": 1.05,
+              "antithetic": False}
 
 
 def featurize_config(config: DaunceConfig) -> dict[str, Any]:
@@ -217,16 +236,25 @@ class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig)
                          source=str(given) if isinstance(given, (str, Path)) else "query")
         pm = PerturbationModel(net, cfg.adapter, cfg.lora)
         n_trainable = sum(p.numel() for p in pm.trainable.values())
-        logger.info("Daunce: training %d perturbed copies of the target here (%s, %d trainable parameters each, "
-                    "%g epoch(s) over %d of the %d training examples), then recording the loss and margin of every "
-                    "training and query example (%d) under each", len(todo),
-                    "first-order objective" if cfg.first_order else "plain loss", n_trainable, cfg.epochs,
+        logger.info("Daunce: %d perturbed copies of the target here (%s, %d trainable parameters each, %s over %d "
+                    "of the %d training examples), then recording the loss and margin of every training and query "
+                    "example (%d) under each", len(todo),
+                    "first-order objective" if cfg.first_order else "plain loss", n_trainable,
+                    f"{cfg.epochs:g} epoch(s) of AdamW" if cfg.solver == "adamw" else "one K-FAC Newton step",
                     max(1, round(cfg.subsample_ratio * len(train_ex))), len(train_ex), len(query_ex))
         # layers below the perturbation adapter are frozen: their outputs are computed once (models.prefix_cache)
+        t_setup = time.time()
         with prefix_cache(pm.model, [*train_ex, *query_ex], pad_id, batch_size=cfg.eval_batch_size,
                           autocast=functools.partial(autocast, cfg.precision, device)):
-            theta0 = None
-            if cfg.first_order:
+            theta0 = newton = None
+            if cfg.solver == "newton":  # K-FAC factors of θ₀ once; each perturbation is then one gradient pass
+                from .daunce_newton import NewtonSolver
+
+                newton = NewtonSolver(pm, train_ex, pad_id, batch_size=cfg.batch_size, precision=cfg.precision,
+                                      damping=cfg.newton_damping, gamma=cfg.gamma if cfg.first_order else 1.0,
+                                      sums=self._newton_factor_sums(pm, train_ex, pad_id, store))
+                step_scale = self._newton_scale(newton, pm, len(train_ex), cfg)
+            elif cfg.first_order:
                 theta0 = Theta0(pm.model, train_ex, pad_id, pm.reference, cfg.theta0_cache_mb, cfg.eval_batch_size)
             blocks = adapter_blocks(pm, cfg.row_blocks) if cfg.row_blocks != "none" else []
 
@@ -238,25 +266,43 @@ class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig)
                     out.update({f"{side}_{s}": signals[s] for s in SIGNALS})
                 return out
 
+            def all_rows() -> dict[str, torch.Tensor]:  # rows, block rows and the queries' per-token rows
+                tensors = rows()
+                if blocks:
+                    tensors.update(block_rows(pm, blocks, rows))
+                tensors.update(daunce_tokens.token_tensors(evaluate_token_signals(
+                    pm.model, query_ex, pad_id, batch_size=cfg.eval_batch_size, signals=SIGNALS,
+                    precision=cfg.precision)))
+                return tensors
+
+            setup_seconds = time.time() - t_setup  # the prefix cache, θ₀'s outputs or K-FAC factors: once a process
             overall = Overall(cfg.perturbations, "perturbation", done=cfg.perturbations - len(todo), log=logger)
             for k in todo:
                 t0 = time.time()
                 plan = perturbation_plan(cfg.seed, k, len(train_ex), cfg.subsample_ratio)
                 pm.reset(plan.init_seed)
-                if theta0 is not None:
-                    weights = (1.0 + cfg.rho * (2.0 * plan.xi - 1.0)).to(device)
-                    objective = perturbation_objective(theta0, weights, cfg.gamma)
+                weights = 1.0 + cfg.rho * (2.0 * plan.xi - 1.0)  # w_i [N]
+                if newton is not None:
+                    coef = (cfg.gamma - weights) if cfg.first_order else torch.ones_like(weights)
+                    delta = newton.direction(coef, plan.subset.tolist())
+                    newton.apply(delta, step_scale)
+                    result = TrainResult(steps=0, final_loss=None)  # no optimiser steps
+                    tensors = all_rows()  # under θ₀ + δ_k
+                    if cfg.antithetic:  # and under θ₀ − δ_k: keep the odd part, (plus − minus) / 2
+                        newton.apply(delta, -step_scale)
+                        minus = all_rows()
+                        tensors["train_loss_even"] = (tensors["train_loss"] + minus["train_loss"]) / 2
+                        tensors.update({key: (v - minus[key]) / 2 for key, v in tensors.items()
+                                        if key in minus})
+                        newton.apply(delta, step_scale)  # the kept adapter is θ₀ + δ_k
                 else:
                     objective = plain_objective
-                args = dataclasses.replace(cfg, seed=plan.order_seed)
-                result = train(pm.model, train_ex, args, pad_id, accelerator=accelerator, objective=objective,
-                               subset=plan.subset.tolist(), data_parallel=False, desc=f"perturbation {k}")
-                tensors = rows()  # under θ_k; with row_blocks, also under each block of its change alone
-                if blocks:
-                    tensors.update(block_rows(pm, blocks, rows))
-                tensors.update(daunce_tokens.token_tensors(evaluate_token_signals(  # queries' per-token rows
-                    pm.model, query_ex, pad_id, batch_size=cfg.eval_batch_size, signals=SIGNALS,
-                    precision=cfg.precision)))
+                    if theta0 is not None:
+                        objective = perturbation_objective(theta0, weights.to(device), cfg.gamma)
+                    args = dataclasses.replace(cfg, seed=plan.order_seed)
+                    result = train(pm.model, train_ex, args, pad_id, accelerator=accelerator, objective=objective,
+                                   subset=plan.subset.tolist(), data_parallel=False, desc=f"perturbation {k}")
+                    tensors = all_rows()  # under θ_k; with row_blocks, also under each block of its change alone
                 if cfg.keep_adapters:
                     pm.save(adapter_dir(store.root, k))
                 tensors.update({"subset": plan.subset, "xi": plan.xi})
@@ -265,6 +311,7 @@ class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig)
                     "k": k, "seed": [cfg.seed, k], "steps": result.steps, "final_objective": result.final_loss,
                     "seconds": round(seconds, 3), "process_index": accelerator.process_index,
                     "adapter_saved": cfg.keep_adapters,
+                    **({"setup_seconds": round(setup_seconds, 3)} if not self.computed else {}),
                 })
                 daunce_tokens.write_token_layout(store, chars)  # after a shard: a run that computed nothing stays so
                 self.computed.append(k)
@@ -275,3 +322,41 @@ class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig)
             overall.close()
         if cfg.adapter == "new":
             pm.model.unload()  # give a passed-in model back without LoRA layers
+
+    @staticmethod
+    def _newton_scale(newton, pm: PerturbationModel, n_train: int, cfg: DaunceConfig) -> float:
+        """The scale of every Newton step: calibrated on perturbation 0's (the same in every process)."""
+        plan = perturbation_plan(cfg.seed, 0, n_train, cfg.subsample_ratio)
+        pm.reset(plan.init_seed)
+        weights = 1.0 + cfg.rho * (2.0 * plan.xi - 1.0)
+        coef = (cfg.gamma - weights) if cfg.first_order else torch.ones_like(weights)
+        delta = newton.direction(coef, plan.subset.tolist())
+        probe = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))[:64].tolist()
+        scale = newton.calibrate(delta, probe, cfg.newton_loss_ratio, cfg.eval_batch_size)
+        logger.info("Daunce newton: steps scaled by %.3g (training loss x%.3g on a probe of %d)", scale,
+                    cfg.newton_loss_ratio, len(probe))
+        return scale
+
+    def _newton_factor_sums(self, pm: PerturbationModel, train_ex, pad_id: int, store: Store) -> dict:
+        """θ₀'s K-FAC sums over the training set, in one part per process (RUN/newton_factors/part-R-of-W): a
+        process computes the parts not yet on disk, its own first, and reads the others (a re-run reads them all;
+        two processes may compute the same part, never wait on each other)."""
+        from safetensors.torch import load_file, save_file
+
+        from ..io import atomic_write
+        from .daunce_newton import factor_sums
+
+        cfg, state = self.config, self.context
+        world, rank = state.num_processes, state.process_index
+        folder = store.root / "newton_factors"
+        folder.mkdir(exist_ok=True)
+        parts = {}
+        for r in [rank, *(r for r in range(world) if r != rank)]:
+            path = folder / f"part-{r:03d}-of-{world:03d}.safetensors"
+            if not path.is_file():
+                positions = list(range(r, len(train_ex), world))
+                sums = factor_sums(pm, train_ex, positions, pad_id, batch_size=cfg.batch_size,
+                                   precision=cfg.precision, desc=f"K-FAC factors of θ₀, part {r + 1}/{world}")
+                atomic_write(path, lambda tmp, sums=sums: save_file(sums, tmp))
+            parts[r] = load_file(str(path))
+        return {key: sum(p[key] for p in parts.values()) for key in parts[0]}

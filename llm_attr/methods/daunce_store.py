@@ -243,7 +243,10 @@ def query_run(run: str | Path, query: str | Path | list, out: str | Path, *, mea
     else:
         if adapter_of(spec) is None:
             raise RunDirError(f"{run}: adapter: continue index whose model {spec} has no LoRA adapter")
+        from peft.utils import get_peft_model_state_dict
+
         base, tokenizer = load_target(spec, "continue", device, cfg.get("dtype", "auto"))
+        theta0 = {n: v.detach().clone() for n, v in get_peft_model_state_dict(base).items()}
         base = base.unload()  # the kept adapters replace the target's own
     records = as_records(query)
     source = str(query) if isinstance(query, (str, Path)) else "query"
@@ -252,11 +255,25 @@ def query_run(run: str | Path, query: str | Path | list, out: str | Path, *, mea
     pad_id = pad_id_of(tokenizer)
     model = PeftModel.from_pretrained(base, str(adapter_dir(run, 0)), is_trainable=False)
     rows = {s: [] for s in SIGNALS}
+
+    def evaluate() -> dict[str, torch.Tensor]:
+        return evaluate_signal(model, examples, pad_id, batch_size=batch_size or cfg["eval_batch_size"],
+                               signal=SIGNALS)
+
     for k in range(k_count):
+        kept = load_file(str(adapter_dir(run, k) / "adapter_model.safetensors"))
         if k:
-            set_peft_model_state_dict(model, load_file(str(adapter_dir(run, k) / "adapter_model.safetensors")))
-        values = evaluate_signal(model, examples, pad_id, batch_size=batch_size or cfg["eval_batch_size"],
-                                 signal=SIGNALS)
+            set_peft_model_state_dict(model, kept)
+        values = evaluate()
+        if cfg.get("antithetic"):  # the kept adapter is θ₀ + δ_k; the row is the half-difference with θ₀ − δ_k
+            if manifest["model"]["adapter"] == "new":  # θ₀ is B = 0: the mirror is −B (A stays)
+                mirror = {n: -v if "lora_B" in n else v for n, v in kept.items()}
+            else:
+                mirror = {n: 2 * theta0[n].to(v) - v for n, v in kept.items()}
+            set_peft_model_state_dict(model, mirror)
+            minus = evaluate()
+            set_peft_model_state_dict(model, kept)
+            values = {s: (values[s] - minus[s]) / 2 for s in SIGNALS}
         for s in SIGNALS:
             rows[s].append(values[s])
     signals = {s: torch.stack(rows[s]) for s in SIGNALS}

@@ -1,0 +1,257 @@
+"""Daunce's `solver: newton`: each perturbation is one damped K-FAC Newton step from θ₀, not a few AdamW steps.
+
+At θ₀ the perturbation objective γ·(ℓ_i(θ) − ℓ_i(θ₀)) − w_i⟨f_θ − f_θ₀, ∂ℓ_i/∂f|θ₀⟩ has the gradient
+(1/m) Σ_{i∈D_k} (γ − w_i) ∇ℓ_i and the Gauss-Newton Hessian γ·H. Its quadratic model is minimised by
+
+    δ_k = −(γ·H + λ)⁻¹ (1/m) Σ_{i∈D_k} (γ − w_i) ∇ℓ_i,
+
+which is where the AdamW steps are headed. A short run gets there only in the high-curvature directions (the ones
+many examples share, such as a response that a backdoor and genuine refusals have in common); the rare, flat
+directions that carry a backdoor's trigger have barely moved. The loss-matrix kernel of short runs is then closer
+to gᵀ F g than to the influence kernel gᵀ H⁻¹ g. The Newton step moves every direction by its own curvature.
+
+H is K-FAC over each LoRA module of the perturbation adapter, from two factors per adapted layer, computed once at
+θ₀ over the training set: the layer input's covariance C_x `[in, in]` (over real tokens) and the per-example
+covariance of the gradient at the layer's output S `[out, out]`. With the LoRA weights B `[out, r]`, A `[r, in]` and
+scale s (ΔW = s·B A), lora_B sees the input A x and the output gradient s·δ: factors A C_x Aᵀ and s² S; lora_A sees
+x and s·Bᵀδ: factors C_x and s² Bᵀ S B. The damped inverse is taken in each module's Kronecker eigenbasis, with λ a
+fraction (`newton_damping`) of the mean eigenvalue of the module's Kronecker product.
+
+`antithetic: true` evaluates each step both ways, θ₀ ± δ_k, and records the half-difference of the two rows: the
+first-order (odd) part of every example's change, with the second-order part, which raises every example's loss
+together under any large step, cancelled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..data.tokenize import Example, collate
+from ..losses import autocast, forward_logits, per_example_loss, response_window
+from ..runner import PerturbationModel, lora_layers
+from ..utils import progress
+
+
+@dataclass
+class LayerFactors:
+    """K-FAC statistics of one adapted linear layer at θ₀: C_x `[in, in]`, S `[out, out]` (float64)."""
+
+    inputs: torch.Tensor
+    output_grads: torch.Tensor
+
+
+@dataclass
+class _Part:
+    """One trainable LoRA weight (lora_A or lora_B of one layer) and its Kronecker eigenbasis."""
+
+    param: torch.nn.Parameter
+    q_out: torch.Tensor  # [out, out] eigenvectors of the output-side factor
+    q_in: torch.Tensor  # [in, in]
+    eig: torch.Tensor  # [out, in] products of the two factors' eigenvalues
+
+
+def _adapter_name(layer) -> str:
+    names = [n for n in layer.lora_A if layer.lora_A[n].weight.requires_grad]
+    if len(names) != 1:
+        raise ValueError(f"{type(layer).__name__}: expected one trainable LoRA adapter, found {names}")
+    return names[0]
+
+
+@contextlib.contextmanager
+def _captured(layers: list, mask_ref: list) -> Iterator[dict]:
+    """While active, every forward pass adds each layer's Σ x xᵀ (input) and Σ δ δᵀ (gradient at its output), over
+    the real tokens of `mask_ref[0]` (`[B, T]` bool), to the dict it yields: `{i: [Σxxᵀ, Σδδᵀ, n_tokens]}`."""
+    sums: dict[int, list] = {}
+    handles = []
+
+    def hook_for(i: int):
+        def hook(module, inputs, output):
+            if not output.requires_grad:
+                raise RuntimeError(f"{type(module).__name__}: its output does not depend on a trainable weight")
+            mask = mask_ref[0]
+            x = inputs[0].detach()[mask].float()
+            entry = sums.setdefault(i, [0.0, 0.0, 0])
+            entry[0] = entry[0] + (x.T @ x).double()
+            entry[2] += x.shape[0]
+
+            def grad_hook(g):
+                d = g.detach()[mask].float()
+                entry[1] = entry[1] + (d.T @ d).double()
+
+            output.register_hook(grad_hook)
+        return hook
+
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_hook(hook_for(i)))
+    try:
+        yield sums
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _loss_pass(pm: PerturbationModel, examples: list[Example], positions: list[int], coef: torch.Tensor,
+               pad_id: int, batch_size: int, precision: str, mask_ref: list | None = None,
+               desc: str | None = None) -> None:
+    """Backward of Σ_i coef_i · ℓ_i over `positions` (ℓ_i: mean NLL over example i's response tokens; `coef [N]`),
+    in batches; gradients accumulate in the trainable parameters' `.grad`."""
+    device = next(pm.model.parameters()).device
+    for start in progress(range(0, len(positions), batch_size), desc=desc, disable=desc is None):
+        idx = positions[start : start + batch_size]
+        batch = collate([examples[i] for i in idx], pad_id)
+        if mask_ref is not None:
+            mask_ref[0] = batch["attention_mask"].bool().to(device)
+        keep = response_window(batch["labels"])
+        with autocast(precision, device):
+            logits = forward_logits(pm.model, batch, keep_last=keep)
+        losses = per_example_loss(logits.float(), batch["labels"][:, -keep:].to(device))
+        (losses * coef[idx].to(device)).sum().backward()
+
+
+def factor_sums(pm: PerturbationModel, examples: list[Example], positions: list[int], pad_id: int, *,
+                batch_size: int, precision: str, desc: str | None = None) -> dict[str, torch.Tensor]:
+    """K-FAC sums of θ₀ (the adapter at its start; a new one's B is 0) over the examples at `positions`:
+    `{"x.{i}": Σ x xᵀ, "d.{i}": Σ δ δᵀ}` float64 per adapted layer i, `"tokens"` and `"examples"` (counts). Sums of
+    disjoint parts add up to the whole (one part per process, each kept in the run directory)."""
+    layers = lora_layers(pm.model)
+    mask_ref = [None]
+    was_training = pm.model.training
+    pm.model.eval()
+    with _captured(layers, mask_ref) as sums:
+        _loss_pass(pm, examples, positions, torch.ones(len(examples)), pad_id, batch_size, precision, mask_ref,
+                   desc=desc)
+    for p in pm.trainable.values():
+        p.grad = None
+    pm.model.train(was_training)
+    out = {"examples": torch.tensor(len(positions), dtype=torch.float64),
+           "tokens": torch.tensor(float(sums[0][2]) if sums else 0.0, dtype=torch.float64)}
+    for i in range(len(layers)):
+        out[f"x.{i}"], out[f"d.{i}"] = sums[i][0], sums[i][1]
+    return out
+
+
+class NewtonSolver:
+    """K-FAC factors of θ₀ from `factor_sums` (of all the training set), then `direction(coef, positions)` gives
+    δ_k at the adapter's current weights and `apply(δ, c)` sets the adapter to θ₀ + c·δ."""
+
+    def __init__(self, pm: PerturbationModel, examples: list[Example], pad_id: int, *, batch_size: int,
+                 precision: str, damping: float, gamma: float, sums: dict[str, torch.Tensor] | None = None):
+        self.pm, self.examples, self.pad_id = pm, examples, pad_id
+        self.batch_size, self.precision, self.damping, self.gamma = batch_size, precision, damping, gamma
+        self.layers = lora_layers(pm.model)
+        if sums is None:
+            sums = factor_sums(pm, examples, list(range(len(examples))), pad_id, batch_size=batch_size,
+                               precision=precision, desc="K-FAC factors of θ₀")
+        self.factors = [LayerFactors(inputs=sums[f"x.{i}"] / sums["tokens"], output_grads=sums[f"d.{i}"] /
+                                     sums["examples"]) for i in range(len(self.layers))]
+        self._cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # eigenbases of fixed factors
+
+    def _zero_grads(self) -> None:
+        for p in self.pm.trainable.values():
+            p.grad = None
+
+    def _basis(self, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vals, vecs = torch.linalg.eigh(factor.double())
+        return vals.clamp_min(0.0), vecs
+
+    def _parts(self) -> list[_Part]:
+        """Each trainable LoRA weight with its factors' eigenbases at the adapter's current A and B."""
+        parts = []
+        for i, layer in enumerate(self.layers):
+            name = _adapter_name(layer)
+            a = layer.lora_A[name].weight.detach().double()  # [r, in]
+            b = layer.lora_B[name].weight.detach().double()  # [out, r]
+            s = float(layer.scaling[name])
+            f = self.factors[i]
+            if (i, "out") not in self._cache:  # the [out, out] and [in, in] bases: once; the [r, r] ones: each time
+                self._cache[i, "out"] = self._basis(s * s * f.output_grads)
+            out_vals, out_vecs = self._cache[i, "out"]
+            in_vals, in_vecs = self._basis(a @ f.inputs @ a.T)  # lora_B: input A x, output gradient s δ
+            parts.append(_Part(layer.lora_B[name].weight, out_vecs, in_vecs, torch.outer(out_vals, in_vals)))
+            if bool(b.abs().sum() > 0):  # lora_A moves only where B ≠ 0 (a fresh adapter's B is 0)
+                if (i, "in") not in self._cache:
+                    self._cache[i, "in"] = self._basis(f.inputs)
+                iv, iq = self._cache[i, "in"]
+                ov, oq = self._basis(s * s * b.T @ f.output_grads @ b)
+                parts.append(_Part(layer.lora_A[name].weight, oq, iq, torch.outer(ov, iv)))
+        return parts
+
+    def gradient(self, coef: torch.Tensor, positions: list[int]) -> dict[str, torch.Tensor]:
+        """∇ of (1/m) Σ_{i∈positions} coef_i ℓ_i at θ₀ per trainable parameter name (float64)."""
+        self._zero_grads()
+        was_training = self.pm.model.training
+        self.pm.model.eval()
+        _loss_pass(self.pm, self.examples, positions, coef / len(positions), self.pad_id, self.batch_size,
+                   self.precision)
+        self.pm.model.train(was_training)
+        grads = {n: (p.grad.double() if p.grad is not None else torch.zeros_like(p, dtype=torch.float64))
+                 for n, p in self.pm.trainable.items()}
+        self._zero_grads()
+        return grads
+
+    def direction(self, coef: torch.Tensor, positions: list[int]) -> dict[str, torch.Tensor]:
+        """δ_k `{name: tensor}` = −(γ·H_KFAC + λ)⁻¹ ∇ at the adapter's current weights (θ₀ after `pm.reset`), over the
+        LoRA weights (others: 0). `apply` moves from those weights."""
+        self._at = {n: p.detach().clone() for n, p in self.pm.trainable.items()}
+        grads = self.gradient(coef, positions)
+        by_id = {id(p): n for n, p in self.pm.trainable.items()}
+        delta = {n: torch.zeros_like(p) for n, p in self.pm.trainable.items()}
+        for part in self._parts():
+            name = by_id[id(part.param)]
+            g = grads[name]
+            rotated = part.q_out.T @ g @ part.q_in
+            lam = self.damping * float(part.eig.mean()) + 1e-30
+            delta[name] = (-(part.q_out @ (rotated / (self.gamma * part.eig + lam)) @ part.q_in.T)).to(part.param.dtype)
+        return delta
+
+    @torch.no_grad()
+    def calibrate(self, delta: dict[str, torch.Tensor], probe: list[int], target_ratio: float,
+                  eval_batch_size: int = 64, tolerance: float = 0.02, max_evaluations: int = 40) -> float:
+        """The scale c for which the mean training loss over `probe` under θ₀ + c·δ is `target_ratio` times that
+        under θ₀, to `tolerance` of the excess (target_ratio − 1): the excess grows about as c², which gives the
+        first guesses; then bisection in log c between a c below and one above. `δ` is left scaled by c, in place."""
+        from ..losses import evaluate_signal
+
+        examples = [self.examples[i] for i in probe]
+
+        def mean_loss() -> float:
+            return float(evaluate_signal(self.pm.model, examples, self.pad_id, batch_size=eval_batch_size,
+                                         precision=self.precision).mean())
+
+        self.apply(delta, 0.0)
+        base = mean_loss()
+        want = target_ratio - 1.0
+
+        def excess(c: float) -> float:
+            self.apply(delta, c)
+            return mean_loss() / base - 1.0
+
+        c, lo, hi = 1.0, 0.0, float("inf")
+        for _ in range(max_evaluations):
+            e = excess(c)
+            if abs(e - want) <= tolerance * want:
+                break
+            if e < want:
+                lo = c
+            else:
+                hi = c
+            if hi == float("inf") or lo == 0.0:  # not bracketed yet: the quadratic guess, within x1000
+                c *= min(max((want / max(e, 1e-12)) ** 0.5, 1e-3), 1e3)
+                c = min(max(c, lo * 1.01), hi / 1.01) if lo or hi < float("inf") else c
+            else:
+                c = (lo * hi) ** 0.5
+        for n in delta:
+            delta[n].mul_(c)
+        self.apply(delta, 0.0)
+        return c
+
+    @torch.no_grad()
+    def apply(self, delta: dict[str, torch.Tensor], sign: float = 1.0) -> None:
+        """Set the adapter to θ₀ + sign·δ (θ₀: its weights when `direction` was called)."""
+        for n, p in self.pm.trainable.items():
+            p.copy_(self._at[n])
+            p.add_(delta[n], alpha=sign)

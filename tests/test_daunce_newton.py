@@ -1,0 +1,191 @@
+"""Daunce's `solver: newton`: K-FAC factors and the damped Newton step against brute-force autograd, the step-size
+calibration, and antithetic rows (stored, and re-computed by `llm-attr query` from the kept adapters)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llm_attr.data.backdoor import make_backdoor_task
+from llm_attr.data.records import load_records, save_jsonl
+from llm_attr.data.tokenize import collate, pad_id_of, tokenize_records
+from llm_attr.finetune import FinetuneConfig, finetune
+from llm_attr.losses import evaluate_signal, forward_logits, per_example_loss
+from llm_attr.methods.daunce import (
+    Daunce,
+    DaunceConfig,
+    PerturbationModel,
+    adapter_dir,
+    load_target,
+    query_run,
+    shard_name,
+)
+from llm_attr.methods.daunce_newton import NewtonSolver, _adapter_name
+from llm_attr.models.lora import LoraArgs
+from llm_attr.runner import lora_layers
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    """builtin:tiny with a rank-4 LoRA fine-tuned for a few steps on 32 backdoor records, and 3 queries."""
+    d = tmp_path_factory.mktemp("newton")
+    train, triggered, _ = make_backdoor_task(n_train=32, n_query=3, fraction=0.125, seed=2)
+    save_jsonl(train, d / "train.jsonl")
+    save_jsonl(triggered, d / "query.jsonl")
+    cfg = FinetuneConfig(max_steps=6, batch_size=8, learning_rate=3e-3, max_length=64, lora=LoraArgs(rank=4, alpha=8.0))
+    run = finetune("builtin:tiny", d / "train.jsonl", d / "target", cfg)
+    return SimpleNamespace(dir=d, run=run, train=d / "train.jsonl", query=d / "query.jsonl")
+
+
+def _solver(target, mode: str, damping: float = 0.1):
+    net, tok = load_target(str(target.run), mode, "cpu")
+    pm = PerturbationModel(net, mode, LoraArgs(rank=4, alpha=8.0))
+    examples, _ = tokenize_records(list(load_records(target.train)), tok, 64)
+    return pm, examples, pad_id_of(tok), NewtonSolver(pm, examples, pad_id_of(tok), batch_size=8,
+                                                      precision="fp32", damping=damping, gamma=1.0)
+
+
+def _brute_force_factors(pm, examples, pad_id):
+    """Per layer: C_x (mean x xᵀ over real tokens) and S (Σ over examples of Σ_t δ_t δ_tᵀ, / N), one example at a
+    time with `torch.autograd.grad` of its own loss with respect to each layer's output."""
+    layers = lora_layers(pm.model)
+    xx = [0.0] * len(layers)
+    dd = [0.0] * len(layers)
+    n_tok = 0
+    for e in examples:
+        batch = collate([e], pad_id)
+        captured: list = []
+        handles = [m.register_forward_hook(lambda mod, i, o, into=captured: into.append((i[0], o))) for m in layers]
+        loss = per_example_loss(forward_logits(pm.model, batch), batch["labels"]).sum()
+        for h in handles:
+            h.remove()
+        grads = torch.autograd.grad(loss, [o for _, o in captured])
+        for i, ((x, _), g) in enumerate(zip(captured, grads, strict=True)):
+            x2, g2 = x[0].detach().double(), g[0].double()
+            xx[i] = xx[i] + x2.T @ x2
+            dd[i] = dd[i] + g2.T @ g2
+        n_tok += batch["input_ids"].shape[1]
+    return [(a / n_tok, s / len(examples)) for a, s in zip(xx, dd, strict=True)]
+
+
+@pytest.mark.parametrize("mode", ["continue", "new"])
+def test_factors_and_step_solve_the_damped_kfac_system(target, mode):
+    """The hooked factors equal per-example autograd's; δ solves (γ·S_p ⊗ A_p + λ) δ = −∇ for every LoRA weight,
+    with ∇ the brute-force gradient of (1/m) Σ coef_i ℓ_i (lora_A only where B ≠ 0)."""
+    pm, examples, pad_id, solver = _solver(target, mode)
+    truth = _brute_force_factors(pm, examples, pad_id)
+    for f, (a, s) in zip(solver.factors, truth, strict=True):
+        torch.testing.assert_close(f.inputs, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))  # float32 sums
+        torch.testing.assert_close(f.output_grads, s, rtol=1e-4, atol=1e-5 * float(s.abs().max()))
+    positions = [0, 3, 5, 8, 13, 21]
+    coef = torch.linspace(-1, 1, len(examples))
+    delta = solver.direction(coef, positions)
+    pm.model.zero_grad()
+    loss = 0.0
+    for i in positions:
+        batch = collate([examples[i]], pad_id)
+        loss = loss + coef[i] * per_example_loss(forward_logits(pm.model, batch), batch["labels"]).sum()
+    loss = loss / len(positions)
+    names = list(pm.trainable)
+    grads = dict(zip(names, torch.autograd.grad(loss, [pm.trainable[n] for n in names], allow_unused=True),
+                     strict=True))
+    by_param = {id(p): n for n, p in pm.trainable.items()}
+    checked = 0
+    for i, layer in enumerate(lora_layers(pm.model)):
+        name = _adapter_name(layer)
+        a_w, b_w, s = layer.lora_A[name].weight.double(), layer.lora_B[name].weight.double(), layer.scaling[name]
+        c_x, c_s = truth[i]
+        sides = {"B": (s * s * c_s, a_w @ c_x @ a_w.T, layer.lora_B[name].weight)}
+        if b_w.abs().sum() > 0:
+            sides["A"] = (s * s * b_w.T @ c_s @ b_w, c_x, layer.lora_A[name].weight)
+        for out_f, in_f, param in sides.values():
+            d, g = delta[by_param[id(param)]].double(), grads[by_param[id(param)]].double()
+            lam = 0.1 * (torch.trace(out_f) / out_f.shape[0]) * (torch.trace(in_f) / in_f.shape[0])
+            torch.testing.assert_close(out_f @ d @ in_f + lam * d, -g, rtol=1e-3, atol=1e-5 * float(g.abs().max()))
+            checked += 1
+    assert checked >= len(lora_layers(pm.model)) * (2 if mode == "continue" else 1)
+
+
+def test_calibration_sets_the_training_loss_ratio(target):
+    pm, examples, pad_id, solver = _solver(target, "continue")
+    delta = solver.direction(torch.linspace(-1, 1, len(examples)), list(range(len(examples))))
+    probe = list(range(16))
+    solver.calibrate(delta, probe, 1.10)
+    base = evaluate_signal(pm.model, [examples[i] for i in probe], pad_id).mean()
+    solver.apply(delta, 1.0)
+    moved = evaluate_signal(pm.model, [examples[i] for i in probe], pad_id).mean()
+    assert float(moved / base) == pytest.approx(1.10, abs=0.01)
+
+
+@pytest.mark.parametrize("mode", ["new", "continue"])
+def test_antithetic_rows_are_half_differences_and_query_reproduces_them(target, mode, tmp_path):
+    """Each stored row is (ℓ(θ₀ + δ_k) − ℓ(θ₀ − δ_k)) / 2, and `query_run` recomputes the queries' rows from the
+    kept adapters (θ₀ + δ_k and its mirror)."""
+    cfg = DaunceConfig(perturbations=2, solver="newton", antithetic=True, adapter=mode, max_length=64,
+                       measure="cov", signal="loss", lora=LoraArgs(rank=4, alpha=8.0, layers=2))
+    out = tmp_path / "run"
+    Daunce(cfg).run(str(target.run), target.train, target.query, out)
+    shard = load_file(str(out / "shards" / f"{shard_name(1)}.safetensors"))
+    assert shard["train_loss_even"].mean() > 0
+    net, tok = load_target(str(target.run), mode, "cpu")
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    theta0 = {n: v.clone() for n, v in get_peft_model_state_dict(net).items()} if mode == "continue" else None
+    base = net if mode == "new" else net.unload()
+    model = PeftModel.from_pretrained(base, str(adapter_dir(out, 1)))
+    kept = load_file(str(adapter_dir(out, 1) / "adapter_model.safetensors"))
+    mirror = ({n: -v if "lora_B" in n else v for n, v in kept.items()} if mode == "new"
+              else {n: 2 * theta0[n] - v for n, v in kept.items()})
+    examples, _ = tokenize_records(list(load_records(target.train)), tok, 64)
+    plus = evaluate_signal(model, examples, pad_id_of(tok))
+    set_peft_model_state_dict(model, mirror)
+    minus = evaluate_signal(model, examples, pad_id_of(tok))
+    torch.testing.assert_close(shard["train_loss"], (plus - minus) / 2, rtol=1e-3, atol=1e-5)
+    q = query_run(out, target.query, tmp_path / "q")
+    torch.testing.assert_close(load_file(str(tmp_path / "q" / "scores.safetensors"))["scores"],
+                               load_file(str(out / "scores.safetensors"))["scores"], rtol=1e-3, atol=1e-6)
+    assert q is not None
+
+
+def test_config_rules():
+    with pytest.raises(ValueError, match="antithetic"):
+        DaunceConfig(antithetic=True)  # adamw has no exact mirror
+    with pytest.raises(ValueError, match="solver"):
+        DaunceConfig(solver="lbfgs")
+
+
+def test_factor_parts_add_up_and_a_rerun_reads_them(target, tmp_path, monkeypatch):
+    """Disjoint parts of the K-FAC sums add up to the whole; a re-run with more perturbations reads the stored
+    part instead of recomputing it, and its first shards are unchanged."""
+    from llm_attr.methods import daunce_newton
+
+    pm, examples, pad_id, solver = _solver(target, "continue")
+    n = len(examples)
+    kw = dict(batch_size=8, precision="fp32")
+    whole = daunce_newton.factor_sums(pm, examples, list(range(n)), pad_id, **kw)
+    halves = [daunce_newton.factor_sums(pm, examples, list(range(r, n, 2)), pad_id, **kw) for r in (0, 1)]
+    for key, value in whole.items():
+        torch.testing.assert_close(halves[0][key] + halves[1][key], value, rtol=1e-4,
+                                   atol=1e-5 * float(value.abs().max()))  # float32 batch products
+    cfg = dict(solver="newton", adapter="continue", max_length=64, keep_adapters=False,
+               lora=LoraArgs(rank=4, alpha=8.0))
+    out = tmp_path / "run"
+    Daunce(DaunceConfig(perturbations=2, **cfg)).run(str(target.run), target.train, target.query, out)
+    first = load_file(str(out / "shards" / f"{shard_name(1)}.safetensors"))
+    assert (out / "newton_factors" / "part-000-of-001.safetensors").is_file()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the factors were recomputed")
+
+    monkeypatch.setattr(daunce_newton, "factor_sums", refuse)
+    more = Daunce(DaunceConfig(perturbations=3, **cfg))
+    more.run(str(target.run), target.train, target.query, out)
+    assert more.computed == [2]
+    torch.testing.assert_close(load_file(str(out / "shards" / f"{shard_name(1)}.safetensors"))["train_loss"],
+                               first["train_loss"])
