@@ -122,6 +122,18 @@ class PerturbationModel:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def resolved_adapter(mode: str, model) -> Literal["new", "continue"]:
+    """`adapter: auto`: `continue` where the target is a LoRA adapter on a base (a run directory, a peft adapter
+    folder, a checkpoint holding one, a loaded peft model), `new` for a merged or fully fine-tuned model."""
+    if mode != "auto":
+        return mode
+    if isinstance(model, (str, Path)):
+        from .models.loading import adapter_of
+
+        return "continue" if adapter_of(model) is not None else "new"
+    return "continue" if hasattr(getattr(model, "model", model), "peft_config") else "new"
+
+
 def load_target(spec: str, mode: Literal["new", "continue"], device, dtype: str = "auto"):
     """(model, tokenizer) of a target for a perturbation mode: merged for `new`, base + trainable adapter for `continue`."""
     from .models.loading import adapter_of, base_model, is_run_dir, load_model, load_tokenizer

@@ -171,7 +171,8 @@ def daunce_size_and_noise(rows: list[dict], theta0_loss: float, query_ids: list[
 
     from llm_attr.scoring import covariance_scores
 
-    ratio = float(torch.stack([r["train_loss"] for r in rows]).mean()) / theta0_loss
+    key = "train_loss_even" if "train_loss_even" in rows[0] else "train_loss"  # antithetic rows: the pair's mean
+    ratio = float(torch.stack([r[key] for r in rows]).mean()) / theta0_loss
     half = len(rows) // 2
     q_rows = [query_ids.index(q) for q in fired]
     halves = [covariance_scores(torch.stack([r["query_margin"] for r in part]),

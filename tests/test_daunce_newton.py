@@ -155,7 +155,7 @@ def test_antithetic_rows_are_half_differences_and_query_reproduces_them(target, 
 
 def test_config_rules():
     with pytest.raises(ValueError, match="antithetic"):
-        DaunceConfig(antithetic=True)  # adamw has no exact mirror
+        DaunceConfig(antithetic=True, solver="adamw")  # a trained perturbation has no exact mirror
     with pytest.raises(ValueError, match="solver"):
         DaunceConfig(solver="lbfgs")
 
@@ -178,7 +178,7 @@ def test_factor_parts_add_up_and_a_rerun_reads_them(target, tmp_path, monkeypatc
     out = tmp_path / "run"
     Daunce(DaunceConfig(perturbations=2, **cfg)).run(str(target.run), target.train, target.query, out)
     first = load_file(str(out / "shards" / f"{shard_name(1)}.safetensors"))
-    assert (out / "newton_factors" / "part-000-of-001.safetensors").is_file()
+    assert len(list((out / "newton_factors").glob("part-*-of-008.safetensors"))) == 8
 
     def refuse(*args, **kwargs):
         raise AssertionError("the factors were recomputed")
@@ -189,3 +189,11 @@ def test_factor_parts_add_up_and_a_rerun_reads_them(target, tmp_path, monkeypatc
     assert more.computed == [2]
     torch.testing.assert_close(load_file(str(out / "shards" / f"{shard_name(1)}.safetensors"))["train_loss"],
                                first["train_loss"])
+
+
+def test_adapter_auto_continues_a_lora_target_and_perturbs_a_whole_model_anew(target):
+    from llm_attr.methods.daunce import resolved_adapter
+
+    assert resolved_adapter("auto", str(target.run)) == "continue"  # a run directory: base + its LoRA adapter
+    assert resolved_adapter("auto", "builtin:tiny") == "new"  # a whole model: a fresh adapter on it
+    assert resolved_adapter("new", str(target.run)) == "new"

@@ -75,7 +75,7 @@ def auc_part1(scores: torch.Tensor, part: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def daunce_run(task, tmp_path_factory):
     out = tmp_path_factory.mktemp("daunce") / "run"
-    cfg = DaunceConfig(perturbations=16, max_steps=10, batch_size=8, max_length=64, learning_rate=1e-2,
+    cfg = DaunceConfig(solver="adamw", perturbations=16, max_steps=10, batch_size=8, max_length=64, learning_rate=1e-2,
                        lora=LoraArgs(rank=4, alpha=8.0), measure="cov", signal="loss", keep_adapters=False)
     Daunce(cfg).run("builtin:tiny", task.train, task.query, out, score=False)
     return out

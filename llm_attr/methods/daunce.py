@@ -1,28 +1,21 @@
 """Daunce: attribution by the covariance of per-example signals over K randomly perturbed fine-tunes of the target.
 
 For each perturbation k (everything random drawn from `(seed, k)`): a subset D_k of the training set, weights
-ξ ~ U(0, 1) and a LoRA adapter on top of θ₀ (the target) trained briefly on
+ξ ~ U(0, 1), and a LoRA adapter on top of θ₀ (the target) moved towards the minimiser of
 
     γ·(ℓ_i(θ) − ℓ_i(θ₀)) − w_i ⟨f_θ(x_i) − f_θ₀(x_i), ∂ℓ_i/∂f |θ₀⟩,   w_i = 1 + ρ(2ξ_i − 1)
 
-(f: logits; the first-order term is computed in logit space over response tokens, in token chunks), or with
-`first_order: false` the plain loss on D_k (black-box Daunce). Then every training and query example's loss and
-margin under θ_k is one shard of the store; scores are the covariance (or correlation) over k.
-See docs/design.md (Daunce).
-
-Running it (a killed run resumes when re-run with the same arguments; the K perturbations split over processes):
+(f: logits), by one damped K-FAC Newton step (`solver: newton`, methods/daunce_newton.py) or a few AdamW steps
+(`solver: adamw`; the first-order term in logit space, methods/daunce_objective.py); `first_order: false` uses the
+plain loss on D_k. Every training and query example's loss and margin under θ_k is one shard of the store; scores
+are the covariance (or correlation) over k. See docs/design.md (Daunce); processes and nodes: README, "Scale".
 
     llm-attr daunce --model RUN_DIR --train train.jsonl --query query.jsonl --out OUT [--set perturbations=32]
-    accelerate launch --num_processes 8 -m llm_attr daunce ...                      # 8 GPUs
-    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
-        --dynamo_backend no -m llm_attr daunce ...                                  # 2 CPU processes
-    accelerate launch --num_machines 2 --machine_rank R --main_process_ip HOST --main_process_port 29500 \
-        --num_processes 16 -m llm_attr daunce ...                                   # 2 nodes x 8 GPUs, OUT shared
+    accelerate launch --multi_gpu --num_processes 2 -m llm_attr daunce ...   # K split over processes; resumable
     llm-attr score OUT --measure cov --signal loss      # rescore from the stored rows, no training
     llm-attr score OUT --self                           # self-influence: variance over k per training example
     llm-attr query OUT --query new.jsonl --out Q        # new queries: K forward passes with the kept adapters
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -45,7 +38,7 @@ from ..losses import autocast, evaluate_signal, evaluate_token_signals
 from ..models.lora import LoraArgs
 from ..models.prefix_cache import prefix_cache
 from ..results import AttributionResult
-from ..runner import PerturbationModel, load_target, swapped_weights  # noqa: F401 (also imported from here)
+from ..runner import PerturbationModel, load_target, resolved_adapter, swapped_weights  # noqa: F401 (also imported here)
 from ..store import Store
 from ..training import TrainingArgs, TrainResult, plain_objective, train
 from ..utils import Overall
@@ -92,8 +85,9 @@ class DaunceConfig(TrainingArgs):
     rho: float = field(default=1.0, metadata={"help": "perturbation size: w_i = 1 + ρ(2ξ_i − 1)"})
     subsample_ratio: float = field(default=0.25, metadata={"help": "fraction r of the training set in each D_k "
                                    "(0.25: each perturbation a quarter of the steps; docs/results.md, budget frontier)"})
-    adapter: Literal["new", "continue"] = field(
-        default="new", metadata={"help": "new: fresh zero-init LoRA on the merged target; continue: its own adapter"}
+    adapter: Literal["auto", "new", "continue"] = field(
+        default="new", metadata={"help": "new: fresh zero-init LoRA on the merged target; continue: its own adapter; "
+                                 "auto: continue where the target is a LoRA adapter, new for a merged or full model"}
     )
     first_order: bool = field(default=True, metadata={"help": "false: plain loss on D_k (black-box Daunce)"})
     measure: Literal["cov", "corr"] = field(default="corr", metadata={"help": "score: covariance or correlation"})
@@ -102,17 +96,12 @@ class DaunceConfig(TrainingArgs):
     lora: LoraArgs = field(default_factory=lambda: LoraArgs(rank=64, alpha=128.0, layers=4),
                            metadata={"help": "the perturbation adapter (adapter: new)"})
     keep_adapters: bool = field(default=True, metadata={"help": "keep RUN/adapters/k for `llm-attr query`"})
-    solver: Literal["adamw", "newton"] = field(default="adamw", metadata={"help": "one perturbation: adamw (the "
-                                         "TrainingArgs' optimiser steps) | newton (one damped K-FAC Newton step, the "
-                                         "minimiser of the objective's quadratic model; methods/daunce_newton.py)"})
-    newton_damping: float = field(default=0.1, metadata={"help": "solver newton: λ as a fraction of the mean "
-                                  "eigenvalue of each module's K-FAC curvature"})
-    newton_loss_ratio: float = field(default=1.05, metadata={"help": "solver newton: the steps' size, as the mean "
-                                     "training loss under θ₀ + δ over that under θ₀ (calibrated once, on perturbation "
-                                     "0's step over 64 training examples; the Newton step itself is far outside the "
-                                     "region where the loss is quadratic)"})
-    antithetic: bool = field(default=False, metadata={"help": "solver newton: evaluate θ₀ ± δ_k and record the "
-                             "half-difference of the two rows (cancels the second-order change every example shares)"})
+    solver: Literal["adamw", "newton"] = field(default="newton", metadata={"help": "one perturbation: newton (one "
+                                         "damped K-FAC Newton step; methods/daunce_newton.py) | adamw (optimiser steps)"})
+    newton_damping: float = field(default=0.1, metadata={"help": "newton: λ, a fraction of the mean K-FAC eigenvalue"})
+    newton_loss_ratio: float = field(default=1.05, metadata={"help": "newton: the steps' length, as the training loss "
+                                     "under θ₀ + δ over θ₀'s (calibrated once, on perturbation 0's step)"})
+    antithetic: bool = field(default=False, metadata={"help": "newton: rows are (ℓ(θ₀ + δ) − ℓ(θ₀ − δ)) / 2"})
     row_blocks: RowBlocks = field(default="none", metadata={"help": "also record each perturbation's rows with one "
                                   "block of its change at a time: none | layer | module (methods/daunce_blocks.py)"})
     eval_batch_size: int = field(default=64, metadata={"help": "batch size of the signal evaluation"})
@@ -131,10 +120,8 @@ class DaunceConfig(TrainingArgs):
         spans.check_span(self.query_span)
         if self.solver not in ("adamw", "newton"):
             raise ValueError(f"solver must be adamw or newton, got {self.solver!r}")
-        if self.antithetic and self.solver != "newton":
-            raise ValueError("antithetic: true needs solver: newton (a trained perturbation has no exact mirror)")
-        if self.antithetic and self.row_blocks != "none":
-            raise ValueError("antithetic: true does not combine with row_blocks")
+        if self.antithetic and (self.solver != "newton" or self.row_blocks != "none"):
+            raise ValueError("antithetic: true needs solver: newton (a trained step has no exact mirror), no row_blocks")
         at_least(self, newton_damping=0)
         if not self.first_order and self.subsample_ratio == 1.0 and self.solver == "adamw":
             logger.warning("first_order: false with subsample_ratio: 1 leaves no data perturbation: the K runs "
@@ -166,10 +153,8 @@ def perturbation_plan(seed: int, k: int, n_train: int, subsample_ratio: float) -
 
 # ---------------------------------------------------------------------- the method
 
-
 #: keys added after stores were written: left out of the fingerprint at these values, so those stores stay valid
-LATER_KEYS = {"row_blocks": "none", "solver": "adamw", "newton_damping": 0.1, "newton_loss_ratio": 1.05,
-              "antithetic": False}
+LATER_KEYS = {"row_blocks": "none", "solver": "adamw", "newton_damping": 0.1, "newton_loss_ratio": 1.05, "antithetic": False}
 
 
 def featurize_config(config: DaunceConfig) -> dict[str, Any]:
@@ -188,10 +173,11 @@ class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig)
         cfg, state = self.config, self.context
         accelerator = state.accelerator()
         model, spec, model_fp = pipeline.model_identity(model)
+        self.adapter = resolved_adapter(cfg.adapter, model)
         fp, parts = pipeline.run_fingerprint(METHOD, model_fp, train_records, query_records, featurize_config(cfg))
         header = {
             "config": to_dict(cfg),
-            "model": {"spec": spec, "fingerprint": model_fp, "adapter": cfg.adapter},
+            "model": {"spec": spec, "fingerprint": model_fp, "adapter": self.adapter},
             "ids": {"train": [r.id for r in train_records], "query": [r.id for r in query_records]},
             "shapes": {"train_signal": [len(train_records)], "query_signal": [len(query_records)]},
             "dtype": "float32",
@@ -224,7 +210,7 @@ class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig)
         cfg = self.config
         device = accelerator.device
         if isinstance(model, str):
-            net, tokenizer = load_target(model, cfg.adapter, device, cfg.dtype)
+            net, tokenizer = load_target(model, self.adapter, device, cfg.dtype)
         else:
             net, tokenizer = model.model, model.tokenizer
         pad_id = pad_id_of(tokenizer)
@@ -234,7 +220,7 @@ class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig)
         given = self.inputs.get("query")
         spans.span_masks(query_records, chars, cfg.query_span,  # a query without its span stops the run here
                          source=str(given) if isinstance(given, (str, Path)) else "query")
-        pm = PerturbationModel(net, cfg.adapter, cfg.lora)
+        pm = PerturbationModel(net, self.adapter, cfg.lora)
         n_trainable = sum(p.numel() for p in pm.trainable.values())
         logger.info("Daunce: %d perturbed copies of the target here (%s, %d trainable parameters each, %s over %d "
                     "of the %d training examples), then recording the loss and margin of every training and query "
@@ -248,12 +234,11 @@ class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig)
                           autocast=functools.partial(autocast, cfg.precision, device)):
             theta0 = newton = None
             if cfg.solver == "newton":  # K-FAC factors of θ₀ once; each perturbation is then one gradient pass
-                from .daunce_newton import NewtonSolver
+                from .daunce_newton import newton_solver
 
-                newton = NewtonSolver(pm, train_ex, pad_id, batch_size=cfg.batch_size, precision=cfg.precision,
-                                      damping=cfg.newton_damping, gamma=cfg.gamma if cfg.first_order else 1.0,
-                                      sums=self._newton_factor_sums(pm, train_ex, pad_id, store))
-                step_scale = self._newton_scale(newton, pm, len(train_ex), cfg)
+                newton, step_scale = newton_solver(
+                    pm, train_ex, pad_id, cfg, perturbation_plan(cfg.seed, 0, len(train_ex), cfg.subsample_ratio),
+                    store.root / "newton_factors", self.context.process_index, self.context.num_processes)
             elif cfg.first_order:
                 theta0 = Theta0(pm.model, train_ex, pad_id, pm.reference, cfg.theta0_cache_mb, cfg.eval_batch_size)
             blocks = adapter_blocks(pm, cfg.row_blocks) if cfg.row_blocks != "none" else []
@@ -281,23 +266,14 @@ class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig)
                 t0 = time.time()
                 plan = perturbation_plan(cfg.seed, k, len(train_ex), cfg.subsample_ratio)
                 pm.reset(plan.init_seed)
-                weights = 1.0 + cfg.rho * (2.0 * plan.xi - 1.0)  # w_i [N]
-                if newton is not None:
-                    coef = (cfg.gamma - weights) if cfg.first_order else torch.ones_like(weights)
-                    delta = newton.direction(coef, plan.subset.tolist())
-                    newton.apply(delta, step_scale)
+                if newton is not None:  # θ₀ + δ_k (antithetic: the odd part of θ₀ ± δ_k)
+                    tensors = newton.rows(newton.coefficients(cfg, plan.xi), plan.subset.tolist(), step_scale,
+                                          all_rows, cfg.antithetic)
                     result = TrainResult(steps=0, final_loss=None)  # no optimiser steps
-                    tensors = all_rows()  # under θ₀ + δ_k
-                    if cfg.antithetic:  # and under θ₀ − δ_k: keep the odd part, (plus − minus) / 2
-                        newton.apply(delta, -step_scale)
-                        minus = all_rows()
-                        tensors["train_loss_even"] = (tensors["train_loss"] + minus["train_loss"]) / 2
-                        tensors.update({key: (v - minus[key]) / 2 for key, v in tensors.items()
-                                        if key in minus})
-                        newton.apply(delta, step_scale)  # the kept adapter is θ₀ + δ_k
                 else:
                     objective = plain_objective
                     if theta0 is not None:
+                        weights = 1.0 + cfg.rho * (2.0 * plan.xi - 1.0)  # w_i [N]
                         objective = perturbation_objective(theta0, weights.to(device), cfg.gamma)
                     args = dataclasses.replace(cfg, seed=plan.order_seed)
                     result = train(pm.model, train_ex, args, pad_id, accelerator=accelerator, objective=objective,
@@ -320,43 +296,5 @@ class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig)
                 overall.update()
                 self._on_shard_written(k)
             overall.close()
-        if cfg.adapter == "new":
+        if self.adapter == "new":
             pm.model.unload()  # give a passed-in model back without LoRA layers
-
-    @staticmethod
-    def _newton_scale(newton, pm: PerturbationModel, n_train: int, cfg: DaunceConfig) -> float:
-        """The scale of every Newton step: calibrated on perturbation 0's (the same in every process)."""
-        plan = perturbation_plan(cfg.seed, 0, n_train, cfg.subsample_ratio)
-        pm.reset(plan.init_seed)
-        weights = 1.0 + cfg.rho * (2.0 * plan.xi - 1.0)
-        coef = (cfg.gamma - weights) if cfg.first_order else torch.ones_like(weights)
-        delta = newton.direction(coef, plan.subset.tolist())
-        probe = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))[:64].tolist()
-        scale = newton.calibrate(delta, probe, cfg.newton_loss_ratio, cfg.eval_batch_size)
-        logger.info("Daunce newton: steps scaled by %.3g (training loss x%.3g on a probe of %d)", scale,
-                    cfg.newton_loss_ratio, len(probe))
-        return scale
-
-    def _newton_factor_sums(self, pm: PerturbationModel, train_ex, pad_id: int, store: Store) -> dict:
-        """θ₀'s K-FAC sums over the training set, in one part per process (RUN/newton_factors/part-R-of-W): a
-        process computes the parts not yet on disk, its own first, and reads the others (a re-run reads them all;
-        two processes may compute the same part, never wait on each other)."""
-        from safetensors.torch import load_file, save_file
-
-        from ..io import atomic_write
-        from .daunce_newton import factor_sums
-
-        cfg, state = self.config, self.context
-        world, rank = state.num_processes, state.process_index
-        folder = store.root / "newton_factors"
-        folder.mkdir(exist_ok=True)
-        parts = {}
-        for r in [rank, *(r for r in range(world) if r != rank)]:
-            path = folder / f"part-{r:03d}-of-{world:03d}.safetensors"
-            if not path.is_file():
-                positions = list(range(r, len(train_ex), world))
-                sums = factor_sums(pm, train_ex, positions, pad_id, batch_size=cfg.batch_size,
-                                   precision=cfg.precision, desc=f"K-FAC factors of θ₀, part {r + 1}/{world}")
-                atomic_write(path, lambda tmp, sums=sums: save_file(sums, tmp))
-            parts[r] = load_file(str(path))
-        return {key: sum(p[key] for p in parts.values()) for key in parts[0]}

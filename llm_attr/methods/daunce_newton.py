@@ -25,8 +25,10 @@ together under any large step, cancelled.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -34,6 +36,12 @@ from ..data.tokenize import Example, collate
 from ..losses import autocast, forward_logits, per_example_loss, response_window
 from ..runner import PerturbationModel, lora_layers
 from ..utils import progress
+
+logger = logging.getLogger(__name__)
+
+#: θ₀'s K-FAC sums are computed in this many fixed parts of the training set (split over processes, kept in the
+#: run directory): the same sums in the same order for any number of processes
+FACTOR_PARTS = 8
 
 
 @dataclass
@@ -180,6 +188,13 @@ class NewtonSolver:
                 parts.append(_Part(layer.lora_A[name].weight, oq, iq, torch.outer(ov, iv)))
         return parts
 
+    @staticmethod
+    def coefficients(cfg, xi: torch.Tensor) -> torch.Tensor:
+        """`[N]` the objective's gradient weights at θ₀: γ − w_i with w_i = 1 + ρ(2ξ_i − 1) (first-order objective),
+        or 1 (plain loss on D_k)."""
+        weights = 1.0 + cfg.rho * (2.0 * xi - 1.0)
+        return (cfg.gamma - weights) if cfg.first_order else torch.ones_like(weights)
+
     def gradient(self, coef: torch.Tensor, positions: list[int]) -> dict[str, torch.Tensor]:
         """∇ of (1/m) Σ_{i∈positions} coef_i ℓ_i at θ₀ per trainable parameter name (float64)."""
         self._zero_grads()
@@ -208,9 +223,25 @@ class NewtonSolver:
             delta[name] = (-(part.q_out @ (rotated / (self.gamma * part.eig + lam)) @ part.q_in.T)).to(part.param.dtype)
         return delta
 
+    def rows(self, coef: torch.Tensor, positions: list[int], scale: float, evaluate, antithetic: bool) -> dict:
+        """`evaluate()`'s rows `{key: tensor}` under θ₀ + c·δ_k (δ_k from `coef`, `positions`; c = `scale`); with
+        `antithetic`, the half-difference of those under θ₀ ± c·δ_k, plus `train_loss_even` (their mean). The
+        adapter is left at θ₀ + c·δ_k."""
+        delta = self.direction(coef, positions)
+        self.apply(delta, scale)
+        tensors = evaluate()
+        if antithetic:  # the odd part of the change: (plus − minus) / 2
+            self.apply(delta, -scale)
+            minus = evaluate()
+            even = (tensors["train_loss"] + minus["train_loss"]) / 2
+            tensors = {key: (v - minus[key]) / 2 if key in minus else v for key, v in tensors.items()}
+            tensors["train_loss_even"] = even
+            self.apply(delta, scale)
+        return tensors
+
     @torch.no_grad()
     def calibrate(self, delta: dict[str, torch.Tensor], probe: list[int], target_ratio: float,
-                  eval_batch_size: int = 64, tolerance: float = 0.02, max_evaluations: int = 40) -> float:
+                  eval_batch_size: int = 64, tolerance: float = 0.05, max_evaluations: int = 24) -> float:
         """The scale c for which the mean training loss over `probe` under θ₀ + c·δ is `target_ratio` times that
         under θ₀, to `tolerance` of the excess (target_ratio − 1): the excess grows about as c², which gives the
         first guesses; then bisection in log c between a c below and one above. `δ` is left scaled by c, in place."""
@@ -243,7 +274,10 @@ class NewtonSolver:
                 c *= min(max((want / max(e, 1e-12)) ** 0.5, 1e-3), 1e3)
                 c = min(max(c, lo * 1.01), hi / 1.01) if lo or hi < float("inf") else c
             else:
+                if hi / lo < 1.02:  # c known to 2% (the loss's own rounding can hide the rest)
+                    break
                 c = (lo * hi) ** 0.5
+        logger.debug("calibrated step scale %.4g after %d evaluations (excess %.4g, wanted %.4g)", c, _ + 1, e, want)
         for n in delta:
             delta[n].mul_(c)
         self.apply(delta, 0.0)
@@ -255,3 +289,52 @@ class NewtonSolver:
         for n, p in self.pm.trainable.items():
             p.copy_(self._at[n])
             p.add_(delta[n], alpha=sign)
+
+
+def stored_factor_sums(pm: PerturbationModel, examples: list[Example], pad_id: int, folder: Path, *,
+                       process_index: int, num_processes: int, batch_size: int, precision: str) -> dict:
+    """θ₀'s K-FAC sums over the training set, in `FACTOR_PARTS` fixed parts (FOLDER/part-P-of-008; the same parts,
+    added in the same order, whatever the number of processes): each process computes the parts not yet on disk,
+    its own share first, and reads the others; two processes may compute the same part, never wait on each other,
+    and a re-run reads them all."""
+    from safetensors.torch import load_file, save_file
+
+    from ..io import atomic_write
+
+    n_parts = min(FACTOR_PARTS, len(examples))
+    folder.mkdir(parents=True, exist_ok=True)
+    mine = list(range(process_index, n_parts, num_processes))
+    parts = {}
+    for p in [*mine, *(p for p in range(n_parts) if p not in mine)]:
+        path = folder / f"part-{p:03d}-of-{n_parts:03d}.safetensors"
+        if not path.is_file():
+            sums = factor_sums(pm, examples, list(range(p, len(examples), n_parts)), pad_id, batch_size=batch_size,
+                               precision=precision, desc=f"K-FAC factors of θ₀, part {p + 1}/{n_parts}")
+            atomic_write(path, lambda tmp, sums=sums: save_file(sums, tmp))
+        parts[p] = load_file(str(path))
+    return {key: sum(parts[p][key] for p in range(n_parts)) for key in parts[0]}
+
+
+def newton_solver(pm: PerturbationModel, examples: list[Example], pad_id: int, cfg, plan0, folder: Path,
+                  process_index: int, num_processes: int) -> tuple[NewtonSolver, float]:
+    """The solver of a Daunce run (`cfg`: its DaunceConfig) and the scale of every step, calibrated on perturbation
+    0's (`plan0`: its PerturbationPlan; the same in every process) over 64 training examples drawn from the seed."""
+    sums = stored_factor_sums(pm, examples, pad_id, folder, process_index=process_index, num_processes=num_processes,
+                              batch_size=cfg.batch_size, precision=cfg.precision)
+    solver = NewtonSolver(pm, examples, pad_id, batch_size=cfg.batch_size, precision=cfg.precision,
+                          damping=cfg.newton_damping, gamma=cfg.gamma if cfg.first_order else 1.0, sums=sums)
+    pm.reset(plan0.init_seed)
+    delta = solver.direction(solver.coefficients(cfg, plan0.xi), plan0.subset.tolist())
+    probe = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed))[:64].tolist()
+    scale = solver.calibrate(delta, probe, cfg.newton_loss_ratio, cfg.eval_batch_size)
+    logger.info("Daunce newton: steps scaled by %.3g (training loss x%.3g on a probe of %d)", scale,
+                cfg.newton_loss_ratio, len(probe))
+    return solver, scale
+
+
+def mirror_state(kept: dict[str, torch.Tensor], mode: str, theta0: dict[str, torch.Tensor] | None) -> dict:
+    """The adapter state (peft's keys) of θ₀ − δ from a kept θ₀ + δ: −B for a new adapter (whose θ₀ is B = 0, with
+    the same A), 2·θ₀ − θ for the target's own (`theta0`: its state)."""
+    if mode == "new":
+        return {n: -v if "lora_B" in n else v for n, v in kept.items()}
+    return {n: 2 * theta0[n].to(v) - v for n, v in kept.items()}

@@ -1,14 +1,13 @@
 """The Daunce store: its shards' names, scoring them (covariance or correlation over k, self-influence), and new
-queries against the kept adapters (`llm-attr query`).
-
-A Daunce store holds one shard per perturbation k (`perturbation-KKKKK`: `train_loss`, `train_margin` `[N]`,
-`query_loss`, `query_margin` `[Q]`, the per-token `query_token_loss`, `query_token_margin` `[R]`, `subset`,
-`xi`), the queries' token layout (`query-tokens`, `daunce_tokens`) and, with `keep_adapters`, the adapter θ_k under
-`adapters/KKKKK`. Black-box Daunce writes the same store kind.
+queries against the kept adapters (`llm-attr query`). One shard per perturbation k (`perturbation-KKKKK`:
+`train_loss`, `train_margin` `[N]`, `query_loss`, `query_margin` `[Q]`, the per-token `query_token_loss`,
+`query_token_margin` `[R]`, `subset`, `xi`), the queries' token layout (`query-tokens`, `daunce_tokens`) and, with
+`keep_adapters`, the adapter θ_k under `adapters/KKKKK`. Black-box Daunce writes the same store kind.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -211,19 +210,19 @@ def query_run(run: str | Path, query: str | Path | list, out: str | Path, *, mea
     `[K, Q]`, to rescore without the model). Returns the figures and a text table.
     """
     from peft import PeftModel
-    from peft.utils import set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
     from ..io import atomic_write
     from ..models.loading import adapter_of, auto_device, load_model
+    from .daunce_newton import mirror_state
 
     run, out = Path(run), Path(out)
     pipeline.check_out(out, "query", {"run": run, "query": query}, resumable=pipeline.QUERY_OUTPUTS)
     store = Store.open(run, METHOD)
     manifest = store.manifest
     cfg = manifest["config"]
-    measure = measure or cfg["measure"]
-    signal = signal or cfg["signal"]
+    measure, signal = measure or cfg["measure"], signal or cfg["signal"]
     query_span = query_span or cfg.get("query_span", spans.RESPONSE)
     k_count = _check_k(store, perturbations)
     for k in range(k_count):  # the adapter index: each RUN/adapters/k must lie inside the run (no symlink out)
@@ -236,15 +235,13 @@ def query_run(run: str | Path, query: str | Path | list, out: str | Path, *, mea
     spec = manifest["model"]["spec"]
     if model_fingerprint(spec) != manifest["model"]["fingerprint"]:
         raise RunDirError(f"{run}: the model {spec} has changed since this index was built (fingerprint differs)")
-    device = auto_device()
+    device, theta0 = auto_device(), None  # theta0: the target's own adapter state (adapter: continue)
     if manifest["model"]["adapter"] == "new":
         loaded = load_model(spec, device=device, dtype=cfg.get("dtype", "auto"))
         base, tokenizer = loaded.model, loaded.tokenizer
     else:
         if adapter_of(spec) is None:
             raise RunDirError(f"{run}: adapter: continue index whose model {spec} has no LoRA adapter")
-        from peft.utils import get_peft_model_state_dict
-
         base, tokenizer = load_target(spec, "continue", device, cfg.get("dtype", "auto"))
         theta0 = {n: v.detach().clone() for n, v in get_peft_model_state_dict(base).items()}
         base = base.unload()  # the kept adapters replace the target's own
@@ -256,24 +253,15 @@ def query_run(run: str | Path, query: str | Path | list, out: str | Path, *, mea
     model = PeftModel.from_pretrained(base, str(adapter_dir(run, 0)), is_trainable=False)
     rows = {s: [] for s in SIGNALS}
 
-    def evaluate() -> dict[str, torch.Tensor]:
-        return evaluate_signal(model, examples, pad_id, batch_size=batch_size or cfg["eval_batch_size"],
-                               signal=SIGNALS)
-
+    evaluate = functools.partial(evaluate_signal, model, examples, pad_id, signal=SIGNALS,
+                                 batch_size=batch_size or cfg["eval_batch_size"])
     for k in range(k_count):
         kept = load_file(str(adapter_dir(run, k) / "adapter_model.safetensors"))
-        if k:
-            set_peft_model_state_dict(model, kept)
+        set_peft_model_state_dict(model, kept)
         values = evaluate()
         if cfg.get("antithetic"):  # the kept adapter is θ₀ + δ_k; the row is the half-difference with θ₀ − δ_k
-            if manifest["model"]["adapter"] == "new":  # θ₀ is B = 0: the mirror is −B (A stays)
-                mirror = {n: -v if "lora_B" in n else v for n, v in kept.items()}
-            else:
-                mirror = {n: 2 * theta0[n].to(v) - v for n, v in kept.items()}
-            set_peft_model_state_dict(model, mirror)
-            minus = evaluate()
-            set_peft_model_state_dict(model, kept)
-            values = {s: (values[s] - minus[s]) / 2 for s in SIGNALS}
+            set_peft_model_state_dict(model, mirror_state(kept, manifest["model"]["adapter"], theta0))
+            values = {s: (values[s] - m) / 2 for s, m in evaluate().items()}
         for s in SIGNALS:
             rows[s].append(values[s])
     signals = {s: torch.stack(rows[s]) for s in SIGNALS}
