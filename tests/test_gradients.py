@@ -382,3 +382,15 @@ def test_gpt2_conv1d_layers_and_lora_on_them(tiny):
         atol=ATOL,
         rtol=1e-4,
     )
+
+
+def test_if_fisher_refuses_a_matrix_that_does_not_fit_in_one_line(monkeypatch):
+    """Before allocating: a dense Fisher larger than the free memory is refused with the sizes and the way out
+    (it was killed by the OOM killer on SmolLM2's 43k-dimensional exact LoRA gradients)."""
+    from llm_attr.methods import preconditioners
+
+    monkeypatch.setattr(preconditioners, "_available_bytes", lambda device: 2**20)  # 1 MiB free
+    with pytest.raises(preconditioners.GradientError, match=r"1024 x 1024 .* GiB .* if-kfac / if-ekfac"):
+        preconditioners.DampedFisher().update(torch.randn(4, 1024))
+    monkeypatch.setattr(preconditioners, "_available_bytes", lambda device: None)  # unknown: it tries
+    preconditioners.DampedFisher().update(torch.randn(4, 1024))

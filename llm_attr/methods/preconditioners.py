@@ -41,6 +41,20 @@ def _damping(eigenvalues: torch.Tensor, damping: float | None, relative_damping:
     return relative_damping * float(eigenvalues.clamp(min=0).mean())
 
 
+def _available_bytes(device: torch.device) -> int | None:
+    """Free memory on `device` in bytes (CUDA: `mem_get_info`; CPU: /proc/meminfo's MemAvailable), None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class Preconditioner:
     """Identity (Grad-Dot; TracIn per checkpoint). score(q, j) = apply(g_q) · train_side(g_j)."""
 
@@ -96,14 +110,13 @@ class DampedFisher(Preconditioner):
     def update(self, g: torch.Tensor) -> None:
         """Add a chunk of training gradients `[n, d]`."""
         g = g.to(_compute_dtype(g))
-        if self._sum is None and g.shape[1] > 32768:
-            logger.warning(
-                "if-fisher: a %d x %d matrix (%.1f GiB); consider if-kfac / if-ekfac or a smaller "
-                "projection_rank",
-                g.shape[1],
-                g.shape[1],
-                g.shape[1] ** 2 * g.element_size() / 2**30,
-            )
+        if self._sum is None:
+            need = 4 * g.shape[1] ** 2 * g.element_size()  # the sum, a chunk's product, the Fisher, its eigenvectors
+            have = _available_bytes(g.device)
+            if have is not None and need > have:
+                raise GradientError(
+                    f"if-fisher: its dense {g.shape[1]} x {g.shape[1]} matrix needs about {need / 2**30:.1f} GiB to "
+                    f"fit, {have / 2**30:.1f} GiB are free; use if-kfac / if-ekfac or a smaller projection_rank")
         self._sum = g.T @ g if self._sum is None else self._sum + g.T @ g
         self._count += g.shape[0]
 
