@@ -124,7 +124,7 @@ def factor_sums(pm: PerturbationModel, examples: list[Example], positions: list[
                 batch_size: int, precision: str, desc: str | None = None) -> dict[str, torch.Tensor]:
     """K-FAC sums of θ₀ (the adapter at its start; a new one's B is 0) over the examples at `positions`:
     `{"x.{i}": Σ x xᵀ, "d.{i}": Σ δ δᵀ}` float64 per adapted layer i, `"tokens"` and `"examples"` (counts). Sums of
-    disjoint parts add up to the whole (one part per process, each kept in the run directory)."""
+    disjoint parts add up to the whole (`stored_factor_sums` keeps 8 fixed parts in the run directory)."""
     layers = lora_layers(pm.model)
     mask_ref = [None]
     was_training = pm.model.training
@@ -284,11 +284,11 @@ class NewtonSolver:
         return c
 
     @torch.no_grad()
-    def apply(self, delta: dict[str, torch.Tensor], sign: float = 1.0) -> None:
-        """Set the adapter to θ₀ + sign·δ (θ₀: its weights when `direction` was called)."""
+    def apply(self, delta: dict[str, torch.Tensor], scale: float = 1.0) -> None:
+        """Set the adapter to θ₀ + scale·δ (θ₀: its weights when `direction` was called)."""
         for n, p in self.pm.trainable.items():
             p.copy_(self._at[n])
-            p.add_(delta[n], alpha=sign)
+            p.add_(delta[n], alpha=scale)
 
 
 def stored_factor_sums(pm: PerturbationModel, examples: list[Example], pad_id: int, folder: Path, *,
