@@ -195,16 +195,32 @@ def run_phase(model_spec: str, phase: str, repeats: int, n_train: int = 240, ove
                 with amp():
                     forward_logits(pm.model, batch)
 
+        from llm_attr.methods.daunce_newton import NewtonSolver
+
+        pm.reset(0)
+        t0 = time.perf_counter()  # solver newton's once-per-run part: θ₀'s K-FAC factors over the training set
+        with cached():
+            newton = NewtonSolver(pm, examples, pad, batch_size=cfg.batch_size, precision=cfg.precision,
+                                  damping=cfg.newton_damping, gamma=cfg.gamma)
+        out["newton_factors_seconds"] = time.perf_counter() - t0
+
+        def newton_step(k: int) -> None:  # one perturbation's step (its rows cost what `evaluate` costs)
+            plan = perturbation_plan(cfg.seed, k, len(examples), cfg.subsample_ratio)
+            pm.reset(plan.init_seed)
+            with cached():
+                newton.apply(newton.direction(newton.coefficients(cfg, plan.xi), plan.subset.tolist()), 1e-3)
+
         plain_epoch()  # warm-up
         library_epoch()
         rows: dict[str, list[float]] = {"epoch": [], "library_epoch": [], "train": [], "evaluate": [],
-                                        "inference": [], "signal": []}
+                                        "inference": [], "signal": [], "newton_step": []}
         for k in range(repeats):  # interleaved: each pair sees the same load
             rows["epoch"].append(timed(plain_epoch))
             rows["library_epoch"].append(timed(library_epoch))
             train_s, eval_s = perturbation(k, theta0)
             rows["train"].append(train_s)
             rows["evaluate"].append(eval_s)
+            rows["newton_step"].append(timed(lambda k=k: newton_step(k)))
             rows["inference"].append(timed(inference))
             rows["signal"].append(timed(lambda: evaluate_signal(pm.model, every, pad, batch_size=cfg.eval_batch_size,
                                                                 signal=SIGNALS, precision=cfg.precision)))
@@ -265,6 +281,9 @@ def main() -> None:
             "rss_after_load_mib": row["finetune"]["rss_after_load_mib"],
             "peak_rss_finetune_mib": row["finetune"]["peak_rss_mib"],
             "peak_rss_daunce_mib": row["daunce"]["peak_rss_mib"],
+            "newton_step_s": t["newton_step_seconds"],  # solver newton: one step, against AdamW's `train`
+            "newton_step_ratio": t["newton_step_seconds"] / t["train_seconds"],
+            "newton_factors_s": t["newton_factors_seconds"],
         }
         results.append(row)
     print(f"{'model':<9} {'params':>7} {'epoch s':>8} {'pert. s':>8} {'train':>6} {'eval':>6} {'ratio':>6} "
@@ -276,6 +295,8 @@ def main() -> None:
               f"{s['perturbation_train_s']:>6.2f} {s['perturbation_evaluate_s']:>6.2f} {s['perturbation_ratio']:>6.2f} "
               f"{s['perturbation_train_ratio']:>11.2f} {s['inference_examples_per_s']:>10.0f} "
               f"{s['signal_examples_per_s']:>11.0f} {s['throughput_ratio']:>6.2f} {rss:>23}")
+        print(f"{'':<9} solver newton: one step {s['newton_step_s']:.2f} s ({s['newton_step_ratio']:.2f}x AdamW's "
+              f"training), K-FAC factors once {s['newton_factors_s']:.2f} s")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=1))
 
