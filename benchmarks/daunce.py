@@ -90,6 +90,7 @@ def run_phase(model_spec: str, phase: str, repeats: int, n_train: int = 240, ove
         perturbation_objective,
         perturbation_plan,
     )
+    from llm_attr.methods.daunce_objective import reweighting
     from llm_attr.models.loading import load_model
     from llm_attr.models.prefix_cache import PrefixCache, first_trainable_layer
     from llm_attr.training import plain_objective, train
@@ -154,7 +155,7 @@ def run_phase(model_spec: str, phase: str, repeats: int, n_train: int = 240, ove
     def perturbation(k: int, theta0) -> tuple[float, float]:
         plan = perturbation_plan(cfg.seed, k, len(examples), cfg.subsample_ratio)
         pm.reset(plan.init_seed)
-        weights = (1 + cfg.rho * (2 * plan.xi - 1)).to(accelerator.device)
+        weights = reweighting(plan.xi, cfg.rho).to(accelerator.device)
         t0 = time.perf_counter()
         with cached():
             train(pm.model, examples, cfg, pad, accelerator=accelerator, objective=perturbation_objective(

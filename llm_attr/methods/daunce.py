@@ -16,6 +16,7 @@ are the covariance (or correlation) over k. See docs/design.md (Daunce); process
     llm-attr score OUT --self                           # self-influence: variance over k per training example
     llm-attr query OUT --query new.jsonl --out Q        # new queries: K forward passes with the kept adapters
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,6 +45,7 @@ from ..training import TrainingArgs, TrainResult, plain_objective, train
 from ..utils import Overall
 from . import daunce_tokens
 from .daunce_blocks import RowBlocks, adapter_blocks, block_rows
+from .daunce_newton import newton_solver
 from .daunce_objective import (  # noqa: F401 (also imported from here)
     LOGIT_CHUNK_ELEMENTS,
     RowProbs,
@@ -51,6 +53,7 @@ from .daunce_objective import (  # noqa: F401 (also imported from here)
     perturbation_objective,
     response_nll_and_dot,
     response_rows,
+    reweighting,
 )
 from .daunce_store import (  # noqa: F401 (the store's names, also imported from here)
     METHOD,
@@ -234,8 +237,6 @@ class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig)
                           autocast=functools.partial(autocast, cfg.precision, device)):
             theta0 = newton = None
             if cfg.solver == "newton":  # K-FAC factors of θ₀ once; each perturbation is then one gradient pass
-                from .daunce_newton import newton_solver
-
                 newton, step_scale = newton_solver(
                     pm, train_ex, pad_id, cfg, perturbation_plan(cfg.seed, 0, len(train_ex), cfg.subsample_ratio),
                     store.root / "newton_factors", self.context.process_index, self.context.num_processes)
@@ -273,8 +274,7 @@ class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig)
                 else:
                     objective = plain_objective
                     if theta0 is not None:
-                        weights = 1.0 + cfg.rho * (2.0 * plan.xi - 1.0)  # w_i [N]
-                        objective = perturbation_objective(theta0, weights.to(device), cfg.gamma)
+                        objective = perturbation_objective(theta0, reweighting(plan.xi, cfg.rho).to(device), cfg.gamma)
                     args = dataclasses.replace(cfg, seed=plan.order_seed)
                     result = train(pm.model, train_ex, args, pad_id, accelerator=accelerator, objective=objective,
                                    subset=plan.subset.tolist(), data_parallel=False, desc=f"perturbation {k}")

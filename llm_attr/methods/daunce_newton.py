@@ -36,6 +36,7 @@ from ..data.tokenize import Example, collate
 from ..losses import autocast, forward_logits, per_example_loss, response_window
 from ..runner import PerturbationModel, lora_layers
 from ..utils import progress
+from .daunce_objective import reweighting
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ class NewtonSolver:
     def coefficients(cfg, xi: torch.Tensor) -> torch.Tensor:
         """`[N]` the objective's gradient weights at θ₀: γ − w_i with w_i = 1 + ρ(2ξ_i − 1) (first-order objective),
         or 1 (plain loss on D_k)."""
-        weights = 1.0 + cfg.rho * (2.0 * xi - 1.0)
+        weights = reweighting(xi, cfg.rho)
         return (cfg.gamma - weights) if cfg.first_order else torch.ones_like(weights)
 
     def gradient(self, coef: torch.Tensor, positions: list[int]) -> dict[str, torch.Tensor]:
@@ -243,8 +244,8 @@ class NewtonSolver:
     def calibrate(self, delta: dict[str, torch.Tensor], probe: list[int], target_ratio: float,
                   eval_batch_size: int = 64, tolerance: float = 0.05, max_evaluations: int = 24) -> float:
         """The scale c for which the mean training loss over `probe` under θ₀ + c·δ is `target_ratio` times that
-        under θ₀, to `tolerance` of the excess (target_ratio − 1): the excess grows about as c², which gives the
-        first guesses; then bisection in log c between a c below and one above. `δ` is left scaled by c, in place."""
+        under θ₀, to `tolerance` of the excess (target_ratio − 1): each guess takes the excess to grow as c²,
+        kept inside the bracket of a c below and one above once there is one (bisection in log c otherwise). `δ` is left scaled by c, in place."""
         from ..losses import evaluate_signal
 
         examples = [self.examples[i] for i in probe]
@@ -270,13 +271,11 @@ class NewtonSolver:
                 lo = c
             else:
                 hi = c
-            if hi == float("inf") or lo == 0.0:  # not bracketed yet: the quadratic guess, within x1000
-                c *= min(max((want / max(e, 1e-12)) ** 0.5, 1e-3), 1e3)
-                c = min(max(c, lo * 1.01), hi / 1.01) if lo or hi < float("inf") else c
-            else:
-                if hi / lo < 1.02:  # c known to 2% (the loss's own rounding can hide the rest)
-                    break
-                c = (lo * hi) ** 0.5
+            if 0.0 < lo and hi / lo < 1.02:  # c known to 2% (the loss's own rounding can hide the rest)
+                break
+            guess = c * min(max((want / max(e, 1e-12)) ** 0.5, 1e-3), 1e3)  # the excess as c², within x1000
+            bracketed = 0.0 < lo and hi < float("inf")
+            c = guess if not bracketed or lo < guess < hi else (lo * hi) ** 0.5  # else bisect in log c
         logger.debug("calibrated step scale %.4g after %d evaluations (excess %.4g, wanted %.4g)", c, _ + 1, e, want)
         for n in delta:
             delta[n].mul_(c)

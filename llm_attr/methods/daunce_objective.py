@@ -221,6 +221,11 @@ class Theta0:
         return loss0, const0, probs0
 
 
+def reweighting(xi: torch.Tensor, rho: float) -> torch.Tensor:
+    """The objective's example weights w_i = 1 + ρ(2ξ_i − 1) `[N]` from a perturbation's ξ ~ U(0, 1) `[N]`."""
+    return 1.0 + rho * (2.0 * xi - 1.0)
+
+
 def perturbation_objective(theta0: Theta0, weights: torch.Tensor, gamma: float):
     """Objective `(model, batch, logits) -> [B]`: γ·(ℓ_i(θ) − ℓ_i(θ₀)) − w_i⟨f_θ − f_θ₀, ∂ℓ_i/∂f|θ₀⟩ (0 at θ₀)."""
 
