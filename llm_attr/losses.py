@@ -167,6 +167,14 @@ def forward_logits(model, batch: dict[str, torch.Tensor], keep_last: int = 0) ->
     return logits[:, -keep_last:] if keep_last else logits
 
 
+def window_logits(model, batch: dict[str, torch.Tensor], keep: int, head=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits `[B, keep, V]`, labels `[B, keep]`) of the last `keep` positions; with a `reduced_head.ReducedHead`,
+    its logits over each position's label (index 0), θ₀'s top tokens and one tail logit, and labels to match."""
+    if head is not None:
+        return head(model, batch, keep)
+    return forward_logits(model, batch, keep_last=keep), batch["labels"][:, -keep:]
+
+
 def response_window(labels: torch.Tensor) -> int:
     """How many last positions hold every response token of the batch and the position before each (`[B, T]`
     labels, right-padded): the logits a per-example loss or margin needs (training and `evaluate_signal`)."""
@@ -185,13 +193,15 @@ def evaluate_signal(
     signal: Signal | tuple[Signal, ...] = "loss",
     desc: str | None = None,
     precision: str = "fp32",
+    head=None,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """Per-example signal of every example under `model`: `[N]` float32 in the order of `examples`.
 
     Examples are batched by length (less padding), results put back in input order. With a tuple of signals,
     one forward pass gives all of them, returned as `{signal: [N]}`. The lm_head runs only from the batch's first
     response token on, and LoRA layers run with their weights summed (`merged_lora_forward`). `precision`: the
-    matmuls' (`autocast`); the signals are computed from fp32 logits either way.
+    matmuls' (`autocast`); the signals are computed from fp32 logits either way. `head`: a
+    `reduced_head.ReducedHead` built for these examples instead of the full lm_head.
     """
     signals = (signal,) if isinstance(signal, str) else tuple(signal)
     was_training = model.training
@@ -203,8 +213,8 @@ def evaluate_signal(
         batch = collate([examples[i] for i in idx], pad_id)
         keep = response_window(batch["labels"])
         with merged_lora_forward(model), autocast(precision, next(model.parameters()).device):
-            logits = forward_logits(model, batch, keep_last=keep)
-        values = per_example_signals(logits, batch["labels"][:, -keep:].to(logits.device), signals)
+            logits, labels = window_logits(model, batch, keep, head)
+        values = per_example_signals(logits, labels.to(logits.device), signals)
         for s in signals:
             out[s][idx] = values[s].cpu()
     model.train(was_training)
@@ -214,7 +224,7 @@ def evaluate_signal(
 @torch.no_grad()
 def evaluate_token_signals(model, examples: list[Example], pad_id: int, *, batch_size: int = 32,
                            signals: tuple[Signal, ...] = ("loss", "margin"), precision: str = "fp32",
-                           ) -> dict[str, list[torch.Tensor]]:
+                           head=None) -> dict[str, list[torch.Tensor]]:
     """`{signal: [tensor [R_i] float32 per example]}`: every labelled (response) token's signal under `model`, in
     the order of `examples` (the per-token measurement; their mean is `evaluate_signal`'s value)."""
     was_training = model.training
@@ -226,8 +236,8 @@ def evaluate_token_signals(model, examples: list[Example], pad_id: int, *, batch
         batch = collate([examples[i] for i in idx], pad_id)
         keep = response_window(batch["labels"])
         with merged_lora_forward(model), autocast(precision, next(model.parameters()).device):
-            logits = forward_logits(model, batch, keep_last=keep)
-        b_idx, values = token_signals(logits, batch["labels"][:, -keep:].to(logits.device), signals)
+            logits, labels = window_logits(model, batch, keep, head)
+        b_idx, values = token_signals(logits, labels.to(logits.device), signals)
         counts = torch.bincount(b_idx.cpu(), minlength=len(idx)).tolist()
         for s in signals:
             for i, part in zip(idx, values[s].cpu().split(counts), strict=True):

@@ -47,6 +47,21 @@ def adapter_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return list(params.values())
 
 
+def _last_layers(model: torch.nn.Module, n_layers: int | None) -> torch.nn.Module:
+    """A module holding the last `n_layers` decoder layers of `model` (all of `model` for None or an unknown stack)."""
+    from .models.prefix_cache import decoder_parts
+
+    parts = decoder_parts(model)
+    if n_layers is None or parts is None:
+        return model
+    return torch.nn.ModuleList(list(parts[1])[max(0, len(parts[1]) - n_layers):])
+
+
+def trainable_lora_layers(model: torch.nn.Module) -> list:
+    """The peft `LoraLayer` modules of `model` whose LoRA weights train, in module order."""
+    return [m for m in lora_layers(model) if any(p.requires_grad for p in m.lora_A.parameters())]
+
+
 @contextlib.contextmanager
 def swapped_weights(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]) -> Iterator[None]:
     """Temporarily give `params` the `values` (no copy of the model: LoRA-sized tensors swapped in place)."""
@@ -65,7 +80,8 @@ class PerturbationModel:
 
     `adapter: new`: the target merged into plain weights plus a fresh LoRA (A re-drawn from the perturbation's seed,
     B = 0); θ₀ is the adapter disabled. `adapter: continue`: the target's own adapter, trainable, reset to its
-    trained weights; θ₀ is those weights swapped in.
+    trained weights; θ₀ is those weights swapped in. In both, `lora.layers` limits the trainable part to the last
+    N decoder layers (for `continue`, the target's adapter below them stays fixed, so the prefix cache applies).
     """
 
     def __init__(self, model, mode: Literal["new", "continue"], lora: LoraArgs):
@@ -84,7 +100,7 @@ class PerturbationModel:
             self.model = model
             for p in model.parameters():
                 p.requires_grad_(False)
-            for p in adapter_parameters(model):
+            for p in adapter_parameters(_last_layers(model, lora.layers)):
                 p.requires_grad_(True)
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         if not self.trainable:

@@ -25,7 +25,7 @@ from llm_attr.scoring import covariance_scores
 def test_block_rows_are_the_loss_with_one_block_of_the_change(tmp_path, one_thread):
     train, triggered, _ = make_backdoor_task(n_train=24, n_query=2, fraction=0.125, seed=2)
     cfg = DaunceConfig(perturbations=2, max_steps=3, batch_size=8, max_length=128, row_blocks="layer",
-                       lora=LoraArgs(rank=4, alpha=8.0, layers=2))
+                       lora=LoraArgs(rank=4, alpha=8.0, layers=2), head_top_k=0)  # peft's full head below
     run = Daunce(cfg).run("builtin:tiny", train, triggered, tmp_path / "run", score=False)
     shard = load_file(str(run / "shards" / f"{shard_name(1)}.safetensors"))
     assert shard["train_loss_blocks"].shape == (2, 24) and shard["query_margin_blocks"].shape == (2, 2)

@@ -1,5 +1,6 @@
 """Daunce's `solver: newton`: K-FAC factors and the damped Newton step against brute-force autograd, the step-size
-calibration, and antithetic rows (stored, and re-computed by `llm-attr query` from the kept adapters)."""
+calibration, antithetic rows (stored, and re-computed by `llm-attr query` from the kept adapters), and the reduced
+lm_head of the rows and Newton passes against the full vocabulary."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from llm_attr.data.backdoor import make_backdoor_task
 from llm_attr.data.records import load_records, save_jsonl
 from llm_attr.data.tokenize import collate, pad_id_of, tokenize_records
 from llm_attr.finetune import FinetuneConfig, finetune
-from llm_attr.losses import evaluate_signal, forward_logits, per_example_loss
+from llm_attr.losses import evaluate_signal, forward_logits, per_example_loss, response_window, window_logits
 from llm_attr.methods.daunce import (
     Daunce,
     DaunceConfig,
@@ -25,6 +26,7 @@ from llm_attr.methods.daunce import (
 )
 from llm_attr.methods.daunce_newton import NewtonSolver, _adapter_name
 from llm_attr.models.lora import LoraArgs
+from llm_attr.reduced_head import reduced_head
 from llm_attr.runner import lora_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -127,7 +129,8 @@ def test_antithetic_rows_are_half_differences_and_query_reproduces_them(target, 
     """Each stored row is (ℓ(θ₀ + δ_k) − ℓ(θ₀ − δ_k)) / 2, and `query_run` recomputes the queries' rows from the
     kept adapters (θ₀ + δ_k and its mirror)."""
     cfg = DaunceConfig(perturbations=2, solver="newton", antithetic=True, adapter=mode, max_length=64,
-                       measure="cov", signal="loss", lora=LoraArgs(rank=4, alpha=8.0, layers=2))
+                       measure="cov", signal="loss", lora=LoraArgs(rank=4, alpha=8.0, layers=2),
+                       head_top_k=0)  # rows from the full head, as peft computes them here
     out = tmp_path / "run"
     Daunce(cfg).run(str(target.run), target.train, target.query, out)
     shard = load_file(str(out / "shards" / f"{shard_name(1)}.safetensors"))
@@ -197,3 +200,98 @@ def test_adapter_auto_continues_a_lora_target_and_perturbs_a_whole_model_anew(ta
     assert resolved_adapter("auto", str(target.run)) == "continue"  # a run directory: base + its LoRA adapter
     assert resolved_adapter("auto", "builtin:tiny") == "new"  # a whole model: a fresh adapter on it
     assert resolved_adapter("new", str(target.run)) == "new"
+
+
+def test_continue_on_the_last_layers_moves_only_them_and_its_rows_are_the_adapters_losses(target, tmp_path):
+    """`adapter: continue` with `lora.layers: 1` steps only the target's LoRA weights in the last decoder layer (the
+    layer below keeps the target's weights, so the frozen-prefix cache applies), and each stored row is the loss
+    of the saved adapter computed by peft from the embeddings up, without the cache."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    from llm_attr.models.prefix_cache import first_trainable_layer
+
+    pm, _, _, solver = _solver(target, "continue")
+    net, tok = load_target(str(target.run), "continue", "cpu")
+    last = PerturbationModel(net, "continue", LoraArgs(rank=4, alpha=8.0, layers=1))
+    assert first_trainable_layer(last.model) == 1
+    assert set(last.trainable) == {n for n in pm.trainable if ".layers.1." in n} and last.trainable
+    cfg = DaunceConfig(perturbations=2, solver="newton", adapter="continue", max_length=64, measure="cov",
+                       signal="loss", lora=LoraArgs(rank=4, alpha=8.0, layers=1), head_top_k=0)
+    out = tmp_path / "run"
+    Daunce(cfg).run(str(target.run), target.train, target.query, out)
+    theta0 = {n: v.clone() for n, v in get_peft_model_state_dict(net).items()}
+    examples, _ = tokenize_records(list(load_records(target.train)), tok, 64)
+    model = None
+    for k in range(2):
+        kept = load_file(str(adapter_dir(out, k) / "adapter_model.safetensors"))
+        for n, v in kept.items():
+            moved = not torch.equal(v, theta0[n])
+            assert moved == (".layers.1." in n), n
+        model = PeftModel.from_pretrained((model or net).unload(), str(adapter_dir(out, k)))
+        shard = load_file(str(out / "shards" / f"{shard_name(k)}.safetensors"))
+        torch.testing.assert_close(shard["train_loss"], evaluate_signal(model, examples, pad_id_of(tok)),
+                                   rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- the reduced lm_head (reduced_head.py)
+
+
+def _setup(target, top_k):
+    net, tok = load_target(str(target.run), "continue", "cpu")
+    pm = PerturbationModel(net, "continue", LoraArgs(rank=4, alpha=8.0))
+    examples, _ = tokenize_records(list(load_records(target.train)), tok, 64)
+    pad = pad_id_of(tok)
+    head = reduced_head(pm.model, examples, pad, top_k=top_k, batch_size=8, reference=pm.reference)
+    assert head is not None and head.mean_tail_mass > 1e-4  # top_k small enough for the tail to matter
+    return pm, examples, pad, head
+
+
+def _grads(pm, examples, pad, head):
+    pm.model.zero_grad()
+    batch = collate(examples[:12], pad)
+    keep = response_window(batch["labels"])
+    logits, labels = window_logits(pm.model, batch, keep, head)
+    per_example_loss(logits, labels).sum().backward()
+    out = {n: p.grad.clone() for n, p in pm.trainable.items()}
+    pm.model.zero_grad()
+    return out
+
+
+def test_exact_at_theta0_and_second_order_away_from_it(target):
+    pm, examples, pad, head = _setup(target, top_k=3)
+    for signal in ("loss", "margin"):
+        torch.testing.assert_close(evaluate_signal(pm.model, examples, pad, signal=signal, head=head),
+                                   evaluate_signal(pm.model, examples, pad, signal=signal), rtol=1e-4, atol=1e-4)
+    full, reduced = _grads(pm, examples, pad, None), _grads(pm, examples, pad, head)
+    for n in full:  # the tail logit's gradient in h is the tail's softmax-weighted rows of W: exact
+        torch.testing.assert_close(reduced[n], full[n], rtol=1e-4, atol=1e-6 * float(full[n].abs().max()))
+    start = {n: p.detach().clone() for n, p in pm.trainable.items()}
+    direction = {n: torch.randn_like(p) * p.detach().abs().mean() for n, p in pm.trainable.items()}
+    base = evaluate_signal(pm.model, examples, pad)
+    errors, changes = [], []
+    for c in (0.2, 0.1):
+        with torch.no_grad():
+            for n, p in pm.trainable.items():
+                p.copy_(start[n] + c * direction[n])
+        exact = evaluate_signal(pm.model, examples, pad)
+        errors.append(float((evaluate_signal(pm.model, examples, pad, head=head) - exact).abs().mean()))
+        changes.append(float((exact - base).abs().mean()))
+    assert errors[0] < 0.1 * changes[0]  # small against the rows' own change
+    assert errors[1] < 0.4 * errors[0]  # and second order: halving the step quarters it (up to float noise)
+
+
+def test_daunce_scores_match_the_full_vocabulary(target, tmp_path):
+    """A newton Daunce run with the reduced head (top 64 of 1,024 tokens; this barely trained target leaves 4.5% of
+    the probability in the tail) scores as the full-vocabulary run does."""
+    scores = {}
+    for top_k in (0, 64):
+        cfg = DaunceConfig(perturbations=4, adapter="continue", max_length=64, measure="cov", signal="loss",
+                           keep_adapters=top_k > 0, head_top_k=top_k, lora=LoraArgs(rank=4, alpha=8.0))
+        Daunce(cfg).run(str(target.run), target.train, target.query, tmp_path / f"top{top_k}")
+        scores[top_k] = load_file(str(tmp_path / f"top{top_k}" / "scores.safetensors"))["scores"]
+    corr = torch.corrcoef(torch.stack([scores[0].flatten(), scores[64].flatten()]))[0, 1]
+    assert corr > 0.97, corr  # measured 0.98 (top 256: 0.998); the calibrated step lengths differ by 6%
+    query_run(tmp_path / "top64", target.query, tmp_path / "q")  # `llm-attr query` rebuilds the same head
+    torch.testing.assert_close(load_file(str(tmp_path / "q" / "scores.safetensors"))["scores"], scores[64],
+                               rtol=1e-3, atol=1e-6)

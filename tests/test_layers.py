@@ -18,7 +18,7 @@ LAYERS = [
     ["methods.gradients", "methods.preconditioners", "methods.registry", "backends"],
     ["pipeline", "runner", "context", "fingerprints", "results"],
     ["scoring"],
-    ["training", "losses", "generation", "models"],
+    ["training", "losses", "reduced_head", "generation", "models"],
     ["data"],
     ["store", "io", "config", "errors", "faults", "utils"],
 ]

@@ -38,6 +38,7 @@ from ..data.tokenize import pad_id_of, tokenize_records
 from ..losses import autocast, evaluate_signal, evaluate_token_signals
 from ..models.lora import LoraArgs
 from ..models.prefix_cache import prefix_cache
+from ..reduced_head import reduced_head
 from ..results import AttributionResult
 from ..runner import PerturbationModel, load_target, resolved_adapter, swapped_weights  # noqa: F401 (also imported here)
 from ..store import Store
@@ -88,10 +89,8 @@ class DaunceConfig(TrainingArgs):
     rho: float = field(default=1.0, metadata={"help": "perturbation size: w_i = 1 + ρ(2ξ_i − 1)"})
     subsample_ratio: float = field(default=0.25, metadata={"help": "fraction r of the training set in each D_k "
                                    "(0.25: each perturbation a quarter of the steps; docs/results.md, budget frontier)"})
-    adapter: Literal["auto", "new", "continue"] = field(
-        default="new", metadata={"help": "new: fresh zero-init LoRA on the merged target; continue: its own adapter; "
-                                 "auto: continue where the target is a LoRA adapter, new for a merged or full model"}
-    )
+    adapter: Literal["auto", "new", "continue"] = field(default="new", metadata={"help": "new: fresh zero-init LoRA "
+        "on the merged target; continue: its own adapter; auto: continue where the target is a LoRA adapter"})
     first_order: bool = field(default=True, metadata={"help": "false: plain loss on D_k (black-box Daunce)"})
     measure: Literal["cov", "corr"] = field(default="corr", metadata={"help": "score: covariance or correlation"})
     signal: Literal["loss", "margin"] = field(default="margin", metadata={"help": "score: loss or margin rows"})
@@ -107,10 +106,11 @@ class DaunceConfig(TrainingArgs):
     antithetic: bool = field(default=False, metadata={"help": "newton: rows are (ℓ(θ₀ + δ) − ℓ(θ₀ − δ)) / 2"})
     row_blocks: RowBlocks = field(default="none", metadata={"help": "also record each perturbation's rows with one "
                                   "block of its change at a time: none | layer | module (methods/daunce_blocks.py)"})
+    head_top_k: int = field(default=64, metadata={"help": "rows and Newton passes: the lm_head over each label, θ₀'s top "
+                            "N other tokens and one linear tail logit (exact at θ₀; reduced_head.py); 0: full"})
     eval_batch_size: int = field(default=64, metadata={"help": "batch size of the signal evaluation"})
-    theta0_cache_mb: float = field(
-        default=1024.0, metadata={"help": "cache θ₀'s response-token softmax up to this size, else recompute"}
-    )
+    theta0_cache_mb: float = field(default=1024.0, metadata={"help": "cache θ₀'s response-token softmax up to "
+                                   "this size, else recompute"})
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
 
     def __post_init__(self) -> None:
@@ -119,7 +119,7 @@ class DaunceConfig(TrainingArgs):
             raise ValueError(f"perturbations must be >= 2 (a covariance over k needs two), got {self.perturbations}")
         if not 0.0 < self.subsample_ratio <= 1.0:
             raise ValueError(f"subsample_ratio must be in (0, 1], got {self.subsample_ratio}")
-        at_least(self, gamma=0, rho=0, seed=0, eval_batch_size=1)
+        at_least(self, gamma=0, rho=0, seed=0, eval_batch_size=1, head_top_k=0)
         spans.check_span(self.query_span)
         if self.solver not in ("adamw", "newton"):
             raise ValueError(f"solver must be adamw or newton, got {self.solver!r}")
@@ -157,7 +157,8 @@ def perturbation_plan(seed: int, k: int, n_train: int, subsample_ratio: float) -
 # ---------------------------------------------------------------------- the method
 
 #: keys added after stores were written: left out of the fingerprint at these values, so those stores stay valid
-LATER_KEYS = {"row_blocks": "none", "solver": "adamw", "newton_damping": 0.1, "newton_loss_ratio": 1.05, "antithetic": False}
+LATER_KEYS = {"row_blocks": "none", "solver": "adamw", "newton_damping": 0.1, "newton_loss_ratio": 1.05, "antithetic": False,
+              "head_top_k": 0}
 
 
 def featurize_config(config: DaunceConfig) -> dict[str, Any]:
@@ -167,9 +168,7 @@ def featurize_config(config: DaunceConfig) -> dict[str, Any]:
 
 class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig):
     """`Daunce(config).run(model, train, query, out)`: K perturbed fine-tunes -> store of signals -> scores.
-
-    Work items: the perturbations k = 0..K-1, one shard each (`computed` lists this process's last ones).
-    """
+    Work items: the perturbations k = 0..K-1, one shard each (`computed` lists this process's last ones)."""
 
     def _run(self, model, train_records, query_records, out: Path, *, overwrite: bool, score: bool,
              top_k: int) -> AttributionResult:
@@ -183,14 +182,13 @@ class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig)
             "model": {"spec": spec, "fingerprint": model_fp, "adapter": self.adapter},
             "ids": {"train": [r.id for r in train_records], "query": [r.id for r in query_records]},
             "shapes": {"train_signal": [len(train_records)], "query_signal": [len(query_records)]},
-            "dtype": "float32",
-            "signals": list(SIGNALS),
+            "dtype": "float32", "signals": list(SIGNALS),
             "perturbations": cfg.perturbations,
             "measurement": {"query_span": cfg.query_span, "per_token": True},
         }
         store = pipeline.open_store(out, method=METHOD, fingerprint=fp, parts=parts, header=header, state=state,
-                           inputs=self.inputs, train=train_records,
-                           query=query_records, overwrite=overwrite, outputs=("adapters", *RUN_OUTPUTS))
+                                    inputs=self.inputs, train=train_records, query=query_records,
+                                    overwrite=overwrite, outputs=("adapters", *RUN_OUTPUTS))
         mine = pipeline.my_share(range(cfg.perturbations), state)
         todo = pipeline.todo(store, mine, shard_name)
         if cfg.keep_adapters:
@@ -236,10 +234,12 @@ class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig)
         with prefix_cache(pm.model, [*train_ex, *query_ex], pad_id, batch_size=cfg.eval_batch_size,
                           autocast=functools.partial(autocast, cfg.precision, device)):
             theta0 = newton = None
+            head = reduced_head(pm.model, [*train_ex, *query_ex], pad_id, top_k=cfg.head_top_k,
+                                batch_size=cfg.eval_batch_size, precision=cfg.precision, reference=pm.reference)
             if cfg.solver == "newton":  # K-FAC factors of θ₀ once; each perturbation is then one gradient pass
                 newton, step_scale = newton_solver(
                     pm, train_ex, pad_id, cfg, perturbation_plan(cfg.seed, 0, len(train_ex), cfg.subsample_ratio),
-                    store.root / "newton_factors", self.context.process_index, self.context.num_processes)
+                    store.root / "newton_factors", self.context.process_index, self.context.num_processes, head)
             elif cfg.first_order:
                 theta0 = Theta0(pm.model, train_ex, pad_id, pm.reference, cfg.theta0_cache_mb, cfg.eval_batch_size)
             blocks = adapter_blocks(pm, cfg.row_blocks) if cfg.row_blocks != "none" else []
@@ -248,7 +248,7 @@ class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig)
                 out = {}
                 for side, examples in (("train", train_ex), ("query", query_ex)):
                     signals = evaluate_signal(pm.model, examples, pad_id, batch_size=cfg.eval_batch_size,
-                                              signal=SIGNALS, precision=cfg.precision)
+                                              signal=SIGNALS, precision=cfg.precision, head=head)
                     out.update({f"{side}_{s}": signals[s] for s in SIGNALS})
                 return out
 
@@ -258,7 +258,7 @@ class Daunce(pipeline.FeaturizeMethod, name="daunce", config_class=DaunceConfig)
                     tensors.update(block_rows(pm, blocks, rows))
                 tensors.update(daunce_tokens.token_tensors(evaluate_token_signals(
                     pm.model, query_ex, pad_id, batch_size=cfg.eval_batch_size, signals=SIGNALS,
-                    precision=cfg.precision)))
+                    precision=cfg.precision, head=head)))
                 return tensors
 
             setup_seconds = time.time() - t_setup  # the prefix cache, θ₀'s outputs or K-FAC factors: once a process

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models.prefix_cache import decoder_parts
-from ..runner import PerturbationModel, lora_layers, swapped_weights
+from ..runner import PerturbationModel, swapped_weights, trainable_lora_layers
 
 RowBlocks = Literal["none", "layer", "module"]
 ROW_BLOCKS = ("none", "layer", "module")
@@ -28,7 +28,7 @@ def adapter_blocks(pm: PerturbationModel, granularity: RowBlocks) -> list[list[s
     module (`module`); parameters outside them (e.g. `modules_to_save`) form one last block."""
     by_id = {id(p): n for n, p in pm.trainable.items()}
     if granularity == "module":
-        groups = [list(m.parameters()) for m in lora_layers(pm.model)]
+        groups = [list(m.parameters()) for m in trainable_lora_layers(pm.model)]
     elif granularity == "layer":
         parts = decoder_parts(pm.model)
         groups = [list(layer.parameters()) for layer in parts[1]] if parts else [list(pm.trainable.values())]

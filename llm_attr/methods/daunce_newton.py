@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from ..data.tokenize import Example, collate
-from ..losses import autocast, forward_logits, per_example_loss, response_window
-from ..runner import PerturbationModel, lora_layers
+from ..losses import autocast, per_example_loss, response_window, window_logits
+from ..runner import PerturbationModel, trainable_lora_layers
 from ..utils import progress
 from .daunce_objective import reweighting
 
@@ -105,9 +105,9 @@ def _captured(layers: list, mask_ref: list) -> Iterator[dict]:
 
 def _loss_pass(pm: PerturbationModel, examples: list[Example], positions: list[int], coef: torch.Tensor,
                pad_id: int, batch_size: int, precision: str, mask_ref: list | None = None,
-               desc: str | None = None) -> None:
+               desc: str | None = None, head=None) -> None:
     """Backward of Σ_i coef_i · ℓ_i over `positions` (ℓ_i: mean NLL over example i's response tokens; `coef [N]`),
-    in batches; gradients accumulate in the trainable parameters' `.grad`."""
+    in batches; gradients accumulate in the trainable parameters' `.grad`. `head`: a reduced lm_head (exact at θ₀)."""
     device = next(pm.model.parameters()).device
     for start in progress(range(0, len(positions), batch_size), desc=desc, disable=desc is None):
         idx = positions[start : start + batch_size]
@@ -116,23 +116,23 @@ def _loss_pass(pm: PerturbationModel, examples: list[Example], positions: list[i
             mask_ref[0] = batch["attention_mask"].bool().to(device)
         keep = response_window(batch["labels"])
         with autocast(precision, device):
-            logits = forward_logits(pm.model, batch, keep_last=keep)
-        losses = per_example_loss(logits.float(), batch["labels"][:, -keep:].to(device))
+            logits, labels = window_logits(pm.model, batch, keep, head)
+        losses = per_example_loss(logits.float(), labels.to(device))
         (losses * coef[idx].to(device)).sum().backward()
 
 
 def factor_sums(pm: PerturbationModel, examples: list[Example], positions: list[int], pad_id: int, *,
-                batch_size: int, precision: str, desc: str | None = None) -> dict[str, torch.Tensor]:
+                batch_size: int, precision: str, desc: str | None = None, head=None) -> dict[str, torch.Tensor]:
     """K-FAC sums of θ₀ (the adapter at its start; a new one's B is 0) over the examples at `positions`:
     `{"x.{i}": Σ x xᵀ, "d.{i}": Σ δ δᵀ}` float64 per adapted layer i, `"tokens"` and `"examples"` (counts). Sums of
     disjoint parts add up to the whole (`stored_factor_sums` keeps 8 fixed parts in the run directory)."""
-    layers = lora_layers(pm.model)
+    layers = trainable_lora_layers(pm.model)
     mask_ref = [None]
     was_training = pm.model.training
     pm.model.eval()
     with _captured(layers, mask_ref) as sums:
         _loss_pass(pm, examples, positions, torch.ones(len(examples)), pad_id, batch_size, precision, mask_ref,
-                   desc=desc)
+                   desc=desc, head=head)
     for p in pm.trainable.values():
         p.grad = None
     pm.model.train(was_training)
@@ -148,13 +148,14 @@ class NewtonSolver:
     δ_k at the adapter's current weights and `apply(δ, c)` sets the adapter to θ₀ + c·δ."""
 
     def __init__(self, pm: PerturbationModel, examples: list[Example], pad_id: int, *, batch_size: int,
-                 precision: str, damping: float, gamma: float, sums: dict[str, torch.Tensor] | None = None):
-        self.pm, self.examples, self.pad_id = pm, examples, pad_id
+                 precision: str, damping: float, gamma: float, sums: dict[str, torch.Tensor] | None = None,
+                 head=None):
+        self.pm, self.examples, self.pad_id, self.head = pm, examples, pad_id, head
         self.batch_size, self.precision, self.damping, self.gamma = batch_size, precision, damping, gamma
-        self.layers = lora_layers(pm.model)
+        self.layers = trainable_lora_layers(pm.model)
         if sums is None:
             sums = factor_sums(pm, examples, list(range(len(examples))), pad_id, batch_size=batch_size,
-                               precision=precision, desc="K-FAC factors of θ₀")
+                               precision=precision, desc="K-FAC factors of θ₀", head=head)
         self.factors = [LayerFactors(inputs=sums[f"x.{i}"] / sums["tokens"], output_grads=sums[f"d.{i}"] /
                                      sums["examples"]) for i in range(len(self.layers))]
         self._cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # eigenbases of fixed factors
@@ -202,7 +203,7 @@ class NewtonSolver:
         was_training = self.pm.model.training
         self.pm.model.eval()
         _loss_pass(self.pm, self.examples, positions, coef / len(positions), self.pad_id, self.batch_size,
-                   self.precision)
+                   self.precision, head=self.head)
         self.pm.model.train(was_training)
         grads = {n: (p.grad.double() if p.grad is not None else torch.zeros_like(p, dtype=torch.float64))
                  for n, p in self.pm.trainable.items()}
@@ -252,7 +253,7 @@ class NewtonSolver:
 
         def mean_loss() -> float:
             return float(evaluate_signal(self.pm.model, examples, self.pad_id, batch_size=eval_batch_size,
-                                         precision=self.precision).mean())
+                                         precision=self.precision, head=self.head).mean())
 
         self.apply(delta, 0.0)
         base = mean_loss()
@@ -291,7 +292,7 @@ class NewtonSolver:
 
 
 def stored_factor_sums(pm: PerturbationModel, examples: list[Example], pad_id: int, folder: Path, *,
-                       process_index: int, num_processes: int, batch_size: int, precision: str) -> dict:
+                       process_index: int, num_processes: int, batch_size: int, precision: str, head=None) -> dict:
     """θ₀'s K-FAC sums over the training set, in `FACTOR_PARTS` fixed parts (FOLDER/part-P-of-008; the same parts,
     added in the same order, whatever the number of processes): each process computes the parts not yet on disk,
     its own share first, and reads the others; two processes may compute the same part, never wait on each other,
@@ -303,25 +304,29 @@ def stored_factor_sums(pm: PerturbationModel, examples: list[Example], pad_id: i
     n_parts = min(FACTOR_PARTS, len(examples))
     folder.mkdir(parents=True, exist_ok=True)
     mine = list(range(process_index, n_parts, num_processes))
-    parts = {}
+    paths = [folder / f"part-{p:03d}-of-{n_parts:03d}.safetensors" for p in range(n_parts)]
     for p in [*mine, *(p for p in range(n_parts) if p not in mine)]:
-        path = folder / f"part-{p:03d}-of-{n_parts:03d}.safetensors"
-        if not path.is_file():
+        if not paths[p].is_file():
             sums = factor_sums(pm, examples, list(range(p, len(examples), n_parts)), pad_id, batch_size=batch_size,
-                               precision=precision, desc=f"K-FAC factors of θ₀, part {p + 1}/{n_parts}")
-            atomic_write(path, lambda tmp, sums=sums: save_file(sums, tmp))
-        parts[p] = load_file(str(path))
-    return {key: sum(parts[p][key] for p in range(n_parts)) for key in parts[0]}
+                               precision=precision, desc=f"K-FAC factors of θ₀, part {p + 1}/{n_parts}", head=head)
+            sums = {key: value.float() for key, value in sums.items()}  # float32 on disk: half the size
+            atomic_write(paths[p], lambda tmp, sums=sums: save_file(sums, tmp))
+    total = {key: value.double() for key, value in load_file(str(paths[0])).items()}
+    for path in paths[1:]:  # added in part order, one part in memory at a time (each is the factors' size)
+        for key, value in load_file(str(path)).items():
+            total[key] += value.double()
+    return total
 
 
 def newton_solver(pm: PerturbationModel, examples: list[Example], pad_id: int, cfg, plan0, folder: Path,
-                  process_index: int, num_processes: int) -> tuple[NewtonSolver, float]:
+                  process_index: int, num_processes: int, head=None) -> tuple[NewtonSolver, float]:
     """The solver of a Daunce run (`cfg`: its DaunceConfig) and the scale of every step, calibrated on perturbation
     0's (`plan0`: its PerturbationPlan; the same in every process) over 64 training examples drawn from the seed."""
     sums = stored_factor_sums(pm, examples, pad_id, folder, process_index=process_index, num_processes=num_processes,
-                              batch_size=cfg.batch_size, precision=cfg.precision)
+                              batch_size=cfg.batch_size, precision=cfg.precision, head=head)
     solver = NewtonSolver(pm, examples, pad_id, batch_size=cfg.batch_size, precision=cfg.precision,
-                          damping=cfg.newton_damping, gamma=cfg.gamma if cfg.first_order else 1.0, sums=sums)
+                          damping=cfg.newton_damping, gamma=cfg.gamma if cfg.first_order else 1.0, sums=sums,
+                          head=head)
     pm.reset(plan0.init_seed)
     delta = solver.direction(solver.coefficients(cfg, plan0.xi), plan0.subset.tolist())
     probe = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed))[:64].tolist()

@@ -7,6 +7,7 @@ queries against the kept adapters (`llm-attr query`). One shard per perturbation
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from pathlib import Path
@@ -23,6 +24,7 @@ from ..errors import ConfigError, RunDirError
 from ..fingerprints import model_fingerprint
 from ..io import contained_path, fingerprint, locked
 from ..losses import Signal, evaluate_signal
+from ..reduced_head import reduced_head
 from ..runner import load_target
 from ..scoring import (
     Measure,
@@ -148,14 +150,10 @@ def score_run(run: str | Path, *, measure: Measure = "corr", signal: Signal = "m
               perturbations: int | None = None, top_k: int = 10, query_span: str | None = None,
               per_token: bool = False, query_id: str | None = None, rows: str | None = None) -> dict[str, Any]:
     """Score a Daunce run's queries from its store: RUN/scores.safetensors, ids.json, topk.md, scores.json.
-
     `rows`: full | blocks (the block rows of `row_blocks`, whole responses only); default blocks when recorded.
-
-    `perturbations`: use the first K shards only (default: the run's K). `query_span`: the query measurement
-    (`data.spans`; default and `response`: the whole response), from the stored per-token rows. `per_token`:
-    instead, per-token scores of the queries (`query_id`: one of them) under RUN/scorings/<tag>-tokens/
-    (`daunce_tokens.write_token_scores`). Returns the figures and a text table.
-    """
+    `perturbations`: the first K shards only (default: the run's K). `query_span`: the query measurement
+    (`data.spans`; default `response`), from the stored per-token rows. `per_token`: instead, per-token scores of
+    the queries (`query_id`: one) under RUN/scorings/<tag>-tokens/. Returns the figures and a text table."""
     run = Path(run)
     store = Store.open(run, METHOD)
     k_count = _check_k(store, perturbations)
@@ -252,9 +250,12 @@ def query_run(run: str | Path, query: str | Path | list, out: str | Path, *, mea
     pad_id = pad_id_of(tokenizer)
     model = PeftModel.from_pretrained(base, str(adapter_dir(run, 0)), is_trainable=False)
     rows = {s: [] for s in SIGNALS}
-
+    if theta0 is not None:  # θ₀, where the run's reduced lm_head is built for these queries
+        set_peft_model_state_dict(model, theta0)
+    head = reduced_head(model, examples, pad_id, top_k=cfg.get("head_top_k", 0), batch_size=cfg["eval_batch_size"],
+                        reference=contextlib.nullcontext if theta0 is not None else model.disable_adapter)
     evaluate = functools.partial(evaluate_signal, model, examples, pad_id, signal=SIGNALS,
-                                 batch_size=batch_size or cfg["eval_batch_size"])
+                                 batch_size=batch_size or cfg["eval_batch_size"], head=head)
     for k in range(k_count):
         kept = load_file(str(adapter_dir(run, k) / "adapter_model.safetensors"))
         set_peft_model_state_dict(model, kept)
@@ -276,8 +277,7 @@ def query_run(run: str | Path, query: str | Path | list, out: str | Path, *, mea
 def score_cli(run: str | Path, *, top_k: int = 10, measure: Measure | None = None, signal: Signal | None = None,
               perturbations: int | None = None, self_influence: bool = False, query_span: str | None = None,
               per_token: bool = False, query_id: str | None = None, rows: str | None = None) -> dict[str, Any]:
-    """`llm-attr score RUN [--measure] [--signal] [--perturbations] [--self] [--query-span] [--per-token
-    [--query-id]] [--rows]` of a Daunce store (the run's config fills what is not given)."""
+    """`llm-attr score RUN [--measure --signal --perturbations --self --query-span --per-token --query-id --rows]`."""
     cfg = Store.open(run, METHOD).manifest["config"]
     signal = signal or cfg["signal"]
     if self_influence:
