@@ -10,6 +10,7 @@ and a fresh adapter is initialised by peft's `reset_lora_parameters`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +22,8 @@ import torch
 
 from .errors import ConfigError
 from .models.lora import LoraArgs
+
+logger = logging.getLogger(__name__)
 
 
 def lora_layers(model: torch.nn.Module) -> list:
@@ -48,13 +51,15 @@ def adapter_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def _last_layers(model: torch.nn.Module, n_layers: int | None) -> torch.nn.Module:
-    """A module holding the last `n_layers` decoder layers of `model` (all of `model` for None or an unknown stack)."""
+    """A module holding the last `n_layers` decoder layers of `model` that hold its LoRA adapter (all of `model`
+    for None or an unknown decoder stack)."""
     from .models.prefix_cache import decoder_parts
 
     parts = decoder_parts(model)
     if n_layers is None or parts is None:
         return model
-    return torch.nn.ModuleList(list(parts[1])[max(0, len(parts[1]) - n_layers):])
+    adapted = [layer for layer in parts[1] if lora_layers(layer)]
+    return torch.nn.ModuleList(adapted[max(0, len(adapted) - n_layers):])
 
 
 def trainable_lora_layers(model: torch.nn.Module) -> list:
@@ -81,7 +86,8 @@ class PerturbationModel:
     `adapter: new`: the target merged into plain weights plus a fresh LoRA (A re-drawn from the perturbation's seed,
     B = 0); θ₀ is the adapter disabled. `adapter: continue`: the target's own adapter, trainable, reset to its
     trained weights; θ₀ is those weights swapped in. In both, `lora.layers` limits the trainable part to the last
-    N decoder layers (for `continue`, the target's adapter below them stays fixed, so the prefix cache applies).
+    N (adapted) decoder layers; for `continue` the target's adapter below them stays fixed, so the prefix cache
+    applies.
     """
 
     def __init__(self, model, mode: Literal["new", "continue"], lora: LoraArgs):
@@ -152,7 +158,7 @@ def resolved_adapter(mode: str, model) -> Literal["new", "continue"]:
 
 def load_target(spec: str, mode: Literal["new", "continue"], device, dtype: str = "auto"):
     """(model, tokenizer) of a target for a perturbation mode: merged for `new`, base + trainable adapter for `continue`."""
-    from .models.loading import adapter_of, base_model, is_run_dir, load_model, load_tokenizer
+    from .models.loading import adapter_of, base_model, detect_model, is_run_dir, load_model, load_tokenizer
     from .models.lora import load_adapter
 
     if mode == "new":
@@ -162,6 +168,7 @@ def load_target(spec: str, mode: Literal["new", "continue"], device, dtype: str 
     if adapter is None:
         raise ConfigError(f"adapter: continue needs a model with a LoRA adapter (a peft adapter folder, a checkpoint "
                           f"holding one, or a fine-tuned run directory), got {spec}")
+    logger.info("model: %s (its adapter trainable)", detect_model(spec).described)
     with base_model(None):
         base = load_model(adapter[0], device=device, dtype=dtype)
     model = load_adapter(base.model, str(adapter[1]), trainable=True)

@@ -89,14 +89,14 @@ class DaunceConfig(TrainingArgs):
     rho: float = field(default=1.0, metadata={"help": "perturbation size: w_i = 1 + ρ(2ξ_i − 1)"})
     subsample_ratio: float = field(default=0.25, metadata={"help": "fraction r of the training set in each D_k "
                                    "(0.25: each perturbation a quarter of the steps; docs/results.md, budget frontier)"})
-    adapter: Literal["auto", "new", "continue"] = field(default="new", metadata={"help": "new: fresh zero-init LoRA "
+    adapter: Literal["auto", "new", "continue"] = field(default="auto", metadata={"help": "new: fresh zero-init LoRA "
         "on the merged target; continue: its own adapter; auto: continue where the target is a LoRA adapter"})
     first_order: bool = field(default=True, metadata={"help": "false: plain loss on D_k (black-box Daunce)"})
     measure: Literal["cov", "corr"] = field(default="corr", metadata={"help": "score: covariance or correlation"})
     signal: Literal["loss", "margin"] = field(default="margin", metadata={"help": "score: loss or margin rows"})
     query_span: str = field(default=spans.RESPONSE, metadata={"help": "score: " + spans.HELP})
     lora: LoraArgs = field(default_factory=lambda: LoraArgs(rank=64, alpha=128.0, layers=4),
-                           metadata={"help": "the perturbation adapter (adapter: new)"})
+                           metadata={"help": "the perturbation adapter (adapter: new); layers: continue's too"})
     keep_adapters: bool = field(default=True, metadata={"help": "keep RUN/adapters/k for `llm-attr query`"})
     solver: Literal["adamw", "newton"] = field(default="newton", metadata={"help": "one perturbation: newton (one "
                                          "damped K-FAC Newton step; methods/daunce_newton.py) | adamw (optimiser steps)"})
