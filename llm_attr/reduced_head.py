@@ -173,7 +173,7 @@ def reduced_head(model, examples: list[Example], pad_id: int, *, top_k: int, bat
     why = None
     if top_k <= 0:
         return None
-    if lm_head is None or not isinstance(lm_head, torch.nn.Linear) or type(lm_head) is not torch.nn.Linear:
+    if type(lm_head) is not torch.nn.Linear:  # None, a peft wrapper or a quantised layer
         why = "its lm_head is not a plain linear layer"
     elif any(p.requires_grad for p in lm_head.parameters()):
         why = "its lm_head trains"
