@@ -11,7 +11,6 @@ the poisoned examples over the fired queries is reported for their inner product
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import re
 import sys
@@ -37,20 +36,19 @@ def main() -> None:
     work = Path(a.work)
     store = Store.open(work / a.run, "gradients")
     m = store.manifest
-    layout = m["layers"] if isinstance(m["layers"], list) else ast.literal_eval(m["layers"])
-    ids = m["ids"] if isinstance(m["ids"], dict) else ast.literal_eval(m["ids"])
+    layout, ids = m["layers"], m["ids"]
     train = torch.cat([store.read_shard(n)["gradients"] for n in sorted(m["shards"]) if n.startswith("train-c0-")]).float()
     query = torch.cat([store.read_shard(n)["gradients"] for n in sorted(m["shards"]) if n.startswith("query-c0-")]).float()
     kind = {r.id: r.metadata.get("kind") for r in load_records(work / "train.jsonl")}
     kinds = [kind[i] for i in ids["train"]]
     fired = json.loads((work / "rates.json").read_text())["fired"]
-    n_layers = 1 + max(int(re.search(r"layers\.(\d+)\.", b["name"]).group(1)) for b in layout)
+    layer_of = {b["name"]: int(re.search(r"layers\.(\d+)\.", b["name"]).group(1)) for b in layout}
+    n_layers = 1 + max(layer_of.values())
     out = {"run": str(work / a.run), "n_layers": n_layers, "ranges": []}
     print(f"{'layers':>8}  grad-dot  grad-cos")
     for lo, hi in RANGES:
         hi = min(hi, n_layers)
-        cols = torch.cat([torch.arange(b["start"], b["stop"]) for b in layout
-                          if lo <= int(re.search(r"layers\.(\d+)\.", b["name"]).group(1)) < hi])
+        cols = torch.cat([torch.arange(b["start"], b["stop"]) for b in layout if lo <= layer_of[b["name"]] < hi])
         g, q = train[:, cols], query[:, cols]
         dot = (q @ g.T).numpy()
         cos = (torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(g, dim=1).T).numpy()
