@@ -103,14 +103,14 @@ class DaunceConfig(TrainingArgs):
     newton_damping: float = field(default=0.1, metadata={"help": "newton: λ, a fraction of the mean K-FAC eigenvalue"})
     newton_loss_ratio: float = field(default=1.05, metadata={"help": "newton: the steps' length, as the training loss "
                                      "under θ₀ + δ over θ₀'s (calibrated once, on perturbation 0's step)"})
+    newton_factor_examples: int = field(default=0, metadata={"help": "newton: θ₀'s K-FAC over N examples; 0: all"})
     antithetic: bool = field(default=False, metadata={"help": "newton: rows are (ℓ(θ₀ + δ) − ℓ(θ₀ − δ)) / 2"})
     row_blocks: RowBlocks = field(default="none", metadata={"help": "also record each perturbation's rows with one "
                                   "block of its change at a time: none | layer | module (methods/daunce_blocks.py)"})
     head_top_k: int = field(default=64, metadata={"help": "rows and Newton passes: the lm_head over each label, θ₀'s top "
                             "N other tokens and one linear tail logit (exact at θ₀; reduced_head.py); 0: full"})
     eval_batch_size: int = field(default=64, metadata={"help": "batch size of the signal evaluation"})
-    theta0_cache_mb: float = field(default=1024.0, metadata={"help": "cache θ₀'s response-token softmax up to "
-                                   "this size, else recompute"})
+    theta0_cache_mb: float = field(default=1024.0, metadata={"help": "cache θ₀'s response softmax up to this (MB)"})
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
 
     def __post_init__(self) -> None:
@@ -125,7 +125,7 @@ class DaunceConfig(TrainingArgs):
             raise ValueError(f"solver must be adamw or newton, got {self.solver!r}")
         if self.antithetic and (self.solver != "newton" or self.row_blocks != "none"):
             raise ValueError("antithetic: true needs solver: newton (a trained step has no exact mirror), no row_blocks")
-        at_least(self, newton_damping=0)
+        at_least(self, newton_damping=0, newton_factor_examples=0)
         if not self.first_order and self.subsample_ratio == 1.0 and self.solver == "adamw":
             logger.warning("first_order: false with subsample_ratio: 1 leaves no data perturbation: the K runs "
                            "differ only by LoRA init and data order")
@@ -157,8 +157,8 @@ def perturbation_plan(seed: int, k: int, n_train: int, subsample_ratio: float) -
 # ---------------------------------------------------------------------- the method
 
 #: keys added after stores were written: left out of the fingerprint at these values, so those stores stay valid
-LATER_KEYS = {"row_blocks": "none", "solver": "adamw", "newton_damping": 0.1, "newton_loss_ratio": 1.05, "antithetic": False,
-              "head_top_k": 0}
+LATER_KEYS = {"row_blocks": "none", "solver": "adamw", "newton_damping": 0.1, "newton_loss_ratio": 1.05,
+              "antithetic": False, "head_top_k": 0, "newton_factor_examples": 0}
 
 
 def featurize_config(config: DaunceConfig) -> dict[str, Any]:

@@ -73,23 +73,35 @@ def _adapter_name(layer) -> str:
 @contextlib.contextmanager
 def _captured(layers: list, mask_ref: list) -> Iterator[dict]:
     """While active, every forward pass adds each layer's Σ x xᵀ (input) and Σ δ δᵀ (gradient at its output), over
-    the real tokens of `mask_ref[0]` (`[B, T]` bool), to the dict it yields: `{i: [Σxxᵀ, Σδδᵀ, n_tokens]}`."""
+    the real tokens of `mask_ref[0]` (`[B, T]` bool), to the dict it yields: `{i: [Σxxᵀ, Σδδᵀ, n_tokens]}` (float32,
+    accumulated in place). Under bf16 autocast both products take bf16 inputs (each batch's product rounded to
+    bf16, then added in float32: 5x faster on a CPU with avx512_bf16); otherwise float32 throughout."""
     sums: dict[int, list] = {}
     handles = []
+
+    def add(entry: list, slot: int, v: torch.Tensor, low: bool) -> None:
+        if low:
+            v = v.to(torch.bfloat16)
+            product = (v.T @ v).float()
+            entry[slot] = product if entry[slot] is None else entry[slot].add_(product)
+        elif entry[slot] is None:
+            entry[slot] = v.T @ v
+        else:
+            entry[slot].addmm_(v.T, v)
 
     def hook_for(i: int):
         def hook(module, inputs, output):
             if not output.requires_grad:
                 raise RuntimeError(f"{type(module).__name__}: its output does not depend on a trainable weight")
             mask = mask_ref[0]
-            x = inputs[0].detach()[mask].float()
-            entry = sums.setdefault(i, [0.0, 0.0, 0])
-            entry[0] = entry[0] + (x.T @ x).double()
-            entry[2] += x.shape[0]
+            low = torch.is_autocast_enabled(output.device.type)
+            entry = sums.setdefault(i, [None, None, 0])
+            with torch.autocast(output.device.type, enabled=False):
+                add(entry, 0, inputs[0].detach()[mask].float(), low)
+            entry[2] += int(mask.sum())
 
             def grad_hook(g):
-                d = g.detach()[mask].float()
-                entry[1] = entry[1] + (d.T @ d).double()
+                add(entry, 1, g.detach()[mask].float(), low)
 
             output.register_hook(grad_hook)
         return hook
@@ -139,7 +151,7 @@ def factor_sums(pm: PerturbationModel, examples: list[Example], positions: list[
     out = {"examples": torch.tensor(len(positions), dtype=torch.float64),
            "tokens": torch.tensor(float(sums[0][2]) if sums else 0.0, dtype=torch.float64)}
     for i in range(len(layers)):
-        out[f"x.{i}"], out[f"d.{i}"] = sums[i][0], sums[i][1]
+        out[f"x.{i}"], out[f"d.{i}"] = sums[i][0].double(), sums[i][1].double()
     return out
 
 
@@ -242,11 +254,25 @@ class NewtonSolver:
         return tensors
 
     @torch.no_grad()
+    def curvature(self, delta: dict[str, torch.Tensor]) -> float:
+        """δᵀ H_KFAC δ over the LoRA weights (H at the adapter's weights when `direction` was called)."""
+        by_id = {id(p): n for n, p in self.pm.trainable.items()}
+        total = 0.0
+        for part in self._parts():
+            rotated = part.q_out.T @ delta[by_id[id(part.param)]].double() @ part.q_in
+            total += float((part.eig * rotated.square()).sum())
+        return total
+
+    @torch.no_grad()
     def calibrate(self, delta: dict[str, torch.Tensor], probe: list[int], target_ratio: float,
                   eval_batch_size: int = 64, tolerance: float = 0.05, max_evaluations: int = 24) -> float:
         """The scale c for which the mean training loss over `probe` under θ₀ + c·δ is `target_ratio` times that
-        under θ₀, to `tolerance` of the excess (target_ratio − 1): each guess takes the excess to grow as c²,
-        kept inside the bracket of a c below and one above once there is one (bisection in log c otherwise). `δ` is left scaled by c, in place."""
+        under θ₀, to `tolerance` of the excess (target_ratio − 1). The first guess is the K-FAC quadratic model's
+        (½ c² δᵀHδ); each next one takes the excess as a power of c, its exponent (1-4) from the last two
+        evaluations (2 at first), kept inside the bracket of a c below and one above once there is one (bisection
+        in log c otherwise). `δ` is left scaled by c, in place."""
+        import math
+
         from ..losses import evaluate_signal
 
         examples = [self.examples[i] for i in probe]
@@ -263,7 +289,9 @@ class NewtonSolver:
             self.apply(delta, c)
             return mean_loss() / base - 1.0
 
-        c, lo, hi = 1.0, 0.0, float("inf")
+        curvature = self.curvature(delta)
+        c = first = (2.0 * want * base / curvature) ** 0.5 if curvature > 0 and base > 0 else 1.0
+        lo, hi, last = 0.0, float("inf"), None
         for _ in range(max_evaluations):
             e = excess(c)
             if abs(e - want) <= tolerance * want:
@@ -274,10 +302,15 @@ class NewtonSolver:
                 hi = c
             if 0.0 < lo and hi / lo < 1.02:  # c known to 2% (the loss's own rounding can hide the rest)
                 break
-            guess = c * min(max((want / max(e, 1e-12)) ** 0.5, 1e-3), 1e3)  # the excess as c², within x1000
+            power = 2.0
+            if last is not None and e > 0 and last[1] > 0 and last[0] != c and last[1] != e:
+                power = min(max(math.log(e / last[1]) / math.log(c / last[0]), 1.0), 4.0)
+            last = (c, e)
+            guess = c * min(max((want / max(e, 1e-12)) ** (1.0 / power), 1e-3), 1e3)  # within x1000
             bracketed = 0.0 < lo and hi < float("inf")
             c = guess if not bracketed or lo < guess < hi else (lo * hi) ** 0.5  # else bisect in log c
-        logger.debug("calibrated step scale %.4g after %d evaluations (excess %.4g, wanted %.4g)", c, _ + 1, e, want)
+        logger.info("calibrated the step scale to %.4g in %d loss evaluations of %d examples (first guess %.4g; "
+                    "excess %.4g, wanted %.4g)", c, _ + 1, len(probe), first, e, want)
         for n in delta:
             delta[n].mul_(c)
         self.apply(delta, 0.0)
@@ -291,23 +324,34 @@ class NewtonSolver:
             p.add_(delta[n], alpha=scale)
 
 
+def factor_positions(n_train: int, n_examples: int, seed: int) -> list[int]:
+    """The training positions θ₀'s K-FAC factors are computed over: all (`n_examples` 0 or ≥ `n_train`), else a
+    fixed draw of `n_examples` from `seed` (sorted; the same in every process)."""
+    if n_examples <= 0 or n_examples >= n_train:
+        return list(range(n_train))
+    draw = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed + 7919))[:n_examples]
+    return sorted(draw.tolist())
+
+
 def stored_factor_sums(pm: PerturbationModel, examples: list[Example], pad_id: int, folder: Path, *,
-                       process_index: int, num_processes: int, batch_size: int, precision: str, head=None) -> dict:
-    """θ₀'s K-FAC sums over the training set, in `FACTOR_PARTS` fixed parts (FOLDER/part-P-of-008; the same parts,
-    added in the same order, whatever the number of processes): each process computes the parts not yet on disk,
-    its own share first, and reads the others; two processes may compute the same part, never wait on each other,
-    and a re-run reads them all."""
+                       process_index: int, num_processes: int, batch_size: int, precision: str, head=None,
+                       positions: list[int] | None = None) -> dict:
+    """θ₀'s K-FAC sums over the training examples at `positions` (default: all), in `FACTOR_PARTS` fixed parts
+    (FOLDER/part-P-of-008; the same parts, added in the same order, whatever the number of processes): each process
+    computes the parts not yet on disk, its own share first, and reads the others; two processes may compute the
+    same part, never wait on each other, and a re-run reads them all."""
     from safetensors.torch import load_file, save_file
 
     from ..io import atomic_write
 
-    n_parts = min(FACTOR_PARTS, len(examples))
+    positions = list(range(len(examples))) if positions is None else positions
+    n_parts = min(FACTOR_PARTS, len(positions))
     folder.mkdir(parents=True, exist_ok=True)
     mine = list(range(process_index, n_parts, num_processes))
     paths = [folder / f"part-{p:03d}-of-{n_parts:03d}.safetensors" for p in range(n_parts)]
     for p in [*mine, *(p for p in range(n_parts) if p not in mine)]:
         if not paths[p].is_file():
-            sums = factor_sums(pm, examples, list(range(p, len(examples), n_parts)), pad_id, batch_size=batch_size,
+            sums = factor_sums(pm, examples, positions[p::n_parts], pad_id, batch_size=batch_size,
                                precision=precision, desc=f"K-FAC factors of θ₀, part {p + 1}/{n_parts}", head=head)
             sums = {key: value.float() for key, value in sums.items()}  # float32 on disk: half the size
             atomic_write(paths[p], lambda tmp, sums=sums: save_file(sums, tmp))
@@ -323,7 +367,8 @@ def newton_solver(pm: PerturbationModel, examples: list[Example], pad_id: int, c
     """The solver of a Daunce run (`cfg`: its DaunceConfig) and the scale of every step, calibrated on perturbation
     0's (`plan0`: its PerturbationPlan; the same in every process) over 64 training examples drawn from the seed."""
     sums = stored_factor_sums(pm, examples, pad_id, folder, process_index=process_index, num_processes=num_processes,
-                              batch_size=cfg.batch_size, precision=cfg.precision, head=head)
+                              batch_size=cfg.batch_size, precision=cfg.precision, head=head,
+                              positions=factor_positions(len(examples), cfg.newton_factor_examples, cfg.seed))
     solver = NewtonSolver(pm, examples, pad_id, batch_size=cfg.batch_size, precision=cfg.precision,
                           damping=cfg.newton_damping, gamma=cfg.gamma if cfg.first_order else 1.0, sums=sums,
                           head=head)
