@@ -159,6 +159,24 @@ def test_calibration_sets_the_training_loss_ratio(target):
     assert float(moved / base) == pytest.approx(1.10, abs=0.01)
 
 
+def test_step_length_is_calibrated_on_the_training_set(target, tmp_path, monkeypatch):
+    """`newton_calibration: training_set`: after the probe's estimate, the step of perturbation 0 raises the mean
+    training loss over every example by `newton_loss_ratio` (to 10% of the excess)."""
+    from llm_attr.methods import daunce_newton
+    from llm_attr.methods.daunce import perturbation_plan
+
+    monkeypatch.setattr(daunce_newton, "PROBE_EXAMPLES", 4)  # a probe far smaller than the 32 examples
+    pm, examples, pad_id, _ = _solver(target, "continue")
+    cfg = DaunceConfig(perturbations=2, newton_loss_ratio=1.2, batch_size=8, precision="fp32", head_top_k=0)
+    plan = perturbation_plan(cfg.seed, 0, len(examples), cfg.subsample_ratio)
+    pm.reset(plan.init_seed)
+    solver, scale = daunce_newton.newton_solver(pm, examples, pad_id, cfg, plan, tmp_path / "f", 0, 1)
+    base = evaluate_signal(pm.model, examples, pad_id).mean()
+    solver.apply(solver.direction(solver.coefficients(cfg, plan.xi), plan.subset.tolist()), scale)
+    ratio = float(evaluate_signal(pm.model, examples, pad_id).mean() / base)
+    assert ratio == pytest.approx(1.2, abs=0.02), ratio
+
+
 @pytest.mark.parametrize("mode", ["new", "continue"])
 def test_antithetic_rows_are_half_differences_and_query_reproduces_them(target, mode, tmp_path):
     """Each stored row is (ℓ(θ₀ + δ_k) − ℓ(θ₀ − δ_k)) / 2, and `query_run` recomputes the queries' rows from the

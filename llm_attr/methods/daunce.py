@@ -12,8 +12,7 @@ are the covariance (or correlation) over k. See docs/design.md (Daunce); process
 
     llm-attr daunce --model RUN_DIR --train train.jsonl --query query.jsonl --out OUT [--set perturbations=32]
     accelerate launch --multi_gpu --num_processes 2 -m llm_attr daunce ...   # K split over processes; resumable
-    llm-attr score OUT --measure cov --signal loss      # rescore from the stored rows, no training
-    llm-attr score OUT --self                           # self-influence: variance over k per training example
+    llm-attr score OUT --measure cov --signal loss      # rescore from the stored rows (--self: self-influence)
     llm-attr query OUT --query new.jsonl --out Q        # new queries: K forward passes with the kept adapters
 """
 
@@ -104,6 +103,8 @@ class DaunceConfig(TrainingArgs):
     newton_loss_ratio: float = field(default=1.05, metadata={"help": "newton: the steps' length, as the training loss "
                                      "under θ₀ + δ over θ₀'s (calibrated once, on perturbation 0's step)"})
     newton_factor_examples: int = field(default=0, metadata={"help": "newton: θ₀'s K-FAC over N examples; 0: all"})
+    newton_calibration: Literal["probe", "training_set"] = field(default="training_set", metadata={"help": "newton: "
+        "the step length set on 64 examples (probe), then refined on all (training_set)"})
     antithetic: bool = field(default=False, metadata={"help": "newton: rows are (ℓ(θ₀ + δ) − ℓ(θ₀ − δ)) / 2"})
     row_blocks: RowBlocks = field(default="none", metadata={"help": "also record each perturbation's rows with one "
                                   "block of its change at a time: none | layer | module (methods/daunce_blocks.py)"})
@@ -119,16 +120,15 @@ class DaunceConfig(TrainingArgs):
             raise ValueError(f"perturbations must be >= 2 (a covariance over k needs two), got {self.perturbations}")
         if not 0.0 < self.subsample_ratio <= 1.0:
             raise ValueError(f"subsample_ratio must be in (0, 1], got {self.subsample_ratio}")
-        at_least(self, gamma=0, rho=0, seed=0, eval_batch_size=1, head_top_k=0)
+        at_least(self, gamma=0, rho=0, seed=0, eval_batch_size=1, head_top_k=0, newton_damping=0, newton_factor_examples=0)
         spans.check_span(self.query_span)
-        if self.solver not in ("adamw", "newton"):
-            raise ValueError(f"solver must be adamw or newton, got {self.solver!r}")
+        for key, allowed in (("solver", ("adamw", "newton")), ("newton_calibration", ("probe", "training_set"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if self.antithetic and (self.solver != "newton" or self.row_blocks != "none"):
             raise ValueError("antithetic: true needs solver: newton (a trained step has no exact mirror), no row_blocks")
-        at_least(self, newton_damping=0, newton_factor_examples=0)
         if not self.first_order and self.subsample_ratio == 1.0 and self.solver == "adamw":
-            logger.warning("first_order: false with subsample_ratio: 1 leaves no data perturbation: the K runs "
-                           "differ only by LoRA init and data order")
+            logger.warning("first_order: false, subsample_ratio: 1: no data perturbation (only LoRA init and order)")
 
 
 # ---------------------------------------------------------------------- perturbation k's randomness
@@ -158,7 +158,7 @@ def perturbation_plan(seed: int, k: int, n_train: int, subsample_ratio: float) -
 
 #: keys added after stores were written: left out of the fingerprint at these values, so those stores stay valid
 LATER_KEYS = {"row_blocks": "none", "solver": "adamw", "newton_damping": 0.1, "newton_loss_ratio": 1.05,
-              "antithetic": False, "head_top_k": 0, "newton_factor_examples": 0}
+              "antithetic": False, "head_top_k": 0, "newton_factor_examples": 0, "newton_calibration": "probe"}
 
 
 def featurize_config(config: DaunceConfig) -> dict[str, Any]:
