@@ -6,8 +6,8 @@
 θ₀'s factors of every adapted layer of the target's own adapter (`adapter: continue`, `lora.layers: null`), over
 the first `--n` training records, by `daunce_newton.factor_sums`: wall time of the pass per precision (the pairs
 interleaved, so that both see the same load), and the relative Frobenius difference of the bf16 factors from the
-fp32 ones (median and maximum over the factors). bf16 autocast takes the forward, the backward and the factor
-products in bf16 (summed in float32); on a CPU without native bf16 it is emulated and slow.
+fp32 ones (median and maximum over the factors). bf16 autocast takes the forward and the backward in bf16 (the
+factor products stay float32); on a CPU without native bf16 it is emulated and slow.
 """
 
 from __future__ import annotations

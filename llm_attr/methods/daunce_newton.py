@@ -75,35 +75,30 @@ def _adapter_name(layer) -> str:
 @contextlib.contextmanager
 def _captured(layers: list, mask_ref: list) -> Iterator[dict]:
     """While active, every forward pass adds each layer's Σ x xᵀ (input) and Σ δ δᵀ (gradient at its output), over
-    the real tokens of `mask_ref[0]` (`[B, T]` bool), to the dict it yields: `{i: [Σxxᵀ, Σδδᵀ, n_tokens]}` (float32,
-    accumulated in place). Under bf16 autocast both products take bf16 inputs (each batch's product rounded to
-    bf16, then added in float32: 5x faster on a CPU with avx512_bf16); otherwise float32 throughout."""
+    the real tokens of `mask_ref[0]` (`[B, T]` bool), to the dict it yields: `{i: [Σxxᵀ, Σδδᵀ, n_tokens]}`, float32
+    products accumulated in place, also under bf16 autocast (bf16 products were 5x faster matmuls but moved SmolLM2's
+    backdoor AUPRC from 0.80 to 0.72 for the same seeds; docs/results.md, levers 8)."""
     sums: dict[int, list] = {}
     handles = []
 
-    def add(entry: list, slot: int, v: torch.Tensor, low: bool) -> None:
-        if low:
-            v = v.to(torch.bfloat16)
-            product = (v.T @ v).float()
-            entry[slot] = product if entry[slot] is None else entry[slot].add_(product)
-        elif entry[slot] is None:
-            entry[slot] = v.T @ v
-        else:
-            entry[slot].addmm_(v.T, v)
+    def add(entry: list, slot: int, v: torch.Tensor) -> None:
+        with torch.autocast(v.device.type, enabled=False):
+            if entry[slot] is None:
+                entry[slot] = v.T @ v
+            else:
+                entry[slot].addmm_(v.T, v)
 
     def hook_for(i: int):
         def hook(module, inputs, output):
             if not output.requires_grad:
                 raise RuntimeError(f"{type(module).__name__}: its output does not depend on a trainable weight")
             mask = mask_ref[0]
-            low = torch.is_autocast_enabled(output.device.type)
             entry = sums.setdefault(i, [None, None, 0])
-            with torch.autocast(output.device.type, enabled=False):
-                add(entry, 0, inputs[0].detach()[mask].float(), low)
+            add(entry, 0, inputs[0].detach()[mask].float())
             entry[2] += int(mask.sum())
 
             def grad_hook(g):
-                add(entry, 1, g.detach()[mask].float(), low)
+                add(entry, 1, g.detach()[mask].float())
 
             output.register_hook(grad_hook)
         return hook
