@@ -100,6 +100,8 @@ class DaunceConfig(TrainingArgs):
     solver: Literal["adamw", "newton"] = field(default="newton", metadata={"help": "one perturbation: newton (one "
                                          "damped K-FAC Newton step; methods/daunce_newton.py) | adamw (optimiser steps)"})
     newton_damping: float = field(default=0.1, metadata={"help": "newton: λ, a fraction of the mean K-FAC eigenvalue"})
+    newton_kernel: Literal["step", "influence"] = field(default="step", metadata={"help": "newton: step (δ = −(H + λ)⁻¹∇; "
+        "rows' covariance → gᵀ(H + λ)⁻¹H(H + λ)⁻¹g) | influence (δ = −[H(H + λ)]^-½∇; → gᵀ(H + λ)⁻¹g)"})
     newton_loss_ratio: float = field(default=1.05, metadata={"help": "newton: the steps' length, as the training loss "
                                      "under θ₀ + δ over θ₀'s (calibrated once, on perturbation 0's step)"})
     newton_factor_examples: int = field(default=0, metadata={"help": "newton: θ₀'s K-FAC over N examples; 0: all"})
@@ -122,7 +124,8 @@ class DaunceConfig(TrainingArgs):
             raise ValueError(f"subsample_ratio must be in (0, 1], got {self.subsample_ratio}")
         at_least(self, gamma=0, rho=0, seed=0, eval_batch_size=1, head_top_k=0, newton_damping=0, newton_factor_examples=0)
         spans.check_span(self.query_span)
-        for key, allowed in (("solver", ("adamw", "newton")), ("newton_calibration", ("probe", "training_set"))):
+        for key, allowed in (("solver", ("adamw", "newton")), ("newton_calibration", ("probe", "training_set")),
+                             ("newton_kernel", ("step", "influence"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if self.antithetic and (self.solver != "newton" or self.row_blocks != "none"):
@@ -158,7 +161,8 @@ def perturbation_plan(seed: int, k: int, n_train: int, subsample_ratio: float) -
 
 #: keys added after stores were written: left out of the fingerprint at these values, so those stores stay valid
 LATER_KEYS = {"row_blocks": "none", "solver": "adamw", "newton_damping": 0.1, "newton_loss_ratio": 1.05,
-              "antithetic": False, "head_top_k": 0, "newton_factor_examples": 0, "newton_calibration": "probe"}
+              "antithetic": False, "head_top_k": 0, "newton_factor_examples": 0, "newton_calibration": "probe",
+              "newton_kernel": "step"}
 
 
 def featurize_config(config: DaunceConfig) -> dict[str, Any]:

@@ -158,8 +158,8 @@ class NewtonSolver:
 
     def __init__(self, pm: PerturbationModel, examples: list[Example], pad_id: int, *, batch_size: int,
                  precision: str, damping: float, gamma: float, sums: dict[str, torch.Tensor] | None = None,
-                 head=None):
-        self.pm, self.examples, self.pad_id, self.head = pm, examples, pad_id, head
+                 head=None, kernel: str = "step"):
+        self.pm, self.examples, self.pad_id, self.head, self.kernel = pm, examples, pad_id, head, kernel
         self.batch_size, self.precision, self.damping, self.gamma = batch_size, precision, damping, gamma
         self.layers = trainable_lora_layers(pm.model)
         if sums is None:
@@ -231,7 +231,10 @@ class NewtonSolver:
             g = grads[name]
             rotated = part.q_out.T @ g @ part.q_in
             lam = self.damping * float(part.eig.mean()) + 1e-30
-            delta[name] = (-(part.q_out @ (rotated / (self.gamma * part.eig + lam)) @ part.q_in.T)).to(part.param.dtype)
+            curv = self.gamma * part.eig
+            # step: (γe + λ)⁻¹; influence: [(γe + λ/100)(γe + λ)]^-½, so that e·p² = 1/(γe + λ) down to e ≈ λ/100
+            precond = 1 / (curv + lam) if self.kernel == "step" else ((curv + lam / 100) * (curv + lam)).rsqrt()
+            delta[name] = (-(part.q_out @ (rotated * precond) @ part.q_in.T)).to(part.param.dtype)
         return delta
 
     def rows(self, coef: torch.Tensor, positions: list[int], scale: float, evaluate, antithetic: bool) -> dict:
@@ -377,7 +380,7 @@ def newton_solver(pm: PerturbationModel, examples: list[Example], pad_id: int, c
                               positions=factor_positions(len(examples), cfg.newton_factor_examples, cfg.seed))
     solver = NewtonSolver(pm, examples, pad_id, batch_size=cfg.batch_size, precision=cfg.precision,
                           damping=cfg.newton_damping, gamma=cfg.gamma if cfg.first_order else 1.0, sums=sums,
-                          head=head)
+                          head=head, kernel=cfg.newton_kernel)
     pm.reset(plan0.init_seed)
     delta = solver.direction(solver.coefficients(cfg, plan0.xi), plan0.subset.tolist())
     probe = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed))[:PROBE_EXAMPLES].tolist()
