@@ -140,6 +140,15 @@ def at_least(cfg: Any, **minimums: float) -> None:
             raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
+def check_choices(cfg: Any) -> None:
+    """`ValueError("NAME must be one of [...], got VALUE")` for the first `Literal` field of `cfg` outside its choices
+    (YAML and `--set` are checked on reading; this covers the Python API)."""
+    for name, tp in _field_types(type(cfg)).items():
+        tp = _unwrap_optional(tp)
+        if typing.get_origin(tp) is typing.Literal and getattr(cfg, name) not in typing.get_args(tp):
+            raise ValueError(f"{name} must be one of {list(typing.get_args(tp))}, got {getattr(cfg, name)!r}")
+
+
 def builtin_config_dir() -> Path:
     """The folder of the YAML configs shipped inside the package (`llm_attr/configs`; `configs/` in the repo)."""
     from importlib.resources import files

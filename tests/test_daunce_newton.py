@@ -225,6 +225,8 @@ def test_config_rules():
         DaunceConfig(antithetic=True, solver="adamw")  # a trained perturbation has no exact mirror
     with pytest.raises(ValueError, match="solver"):
         DaunceConfig(solver="lbfgs")
+    with pytest.raises(ValueError, match=r"newton_kernel must be one of \['step', 'influence'\], got 'exact'"):
+        DaunceConfig(newton_kernel="exact")  # every Literal field is checked from its annotation (Python API)
 
 
 def test_factor_parts_add_up_and_a_rerun_reads_them(target, tmp_path, monkeypatch):

@@ -6,9 +6,8 @@ For each perturbation k (everything random drawn from `(seed, k)`): a subset D_k
     γ·(ℓ_i(θ) − ℓ_i(θ₀)) − w_i ⟨f_θ(x_i) − f_θ₀(x_i), ∂ℓ_i/∂f |θ₀⟩,   w_i = 1 + ρ(2ξ_i − 1)
 
 (f: logits), by one damped K-FAC Newton step (`solver: newton`, methods/daunce_newton.py) or a few AdamW steps
-(`solver: adamw`; the first-order term in logit space, methods/daunce_objective.py); `first_order: false` uses the
-plain loss on D_k. Every training and query example's loss and margin under θ_k is one shard of the store; scores
-are the covariance (or correlation) over k. See docs/design.md (Daunce); processes and nodes: README, "Scale".
+(`solver: adamw`, methods/daunce_objective.py); `first_order: false` uses the plain loss on D_k. Every example's
+loss and margin under θ_k is one shard of the store; scores are their covariance (or correlation) over k.
 
     llm-attr daunce --model RUN_DIR --train train.jsonl --query query.jsonl --out OUT [--set perturbations=32]
     accelerate launch --multi_gpu --num_processes 2 -m llm_attr daunce ...   # K split over processes; resumable
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from .. import pipeline
-from ..config import at_least, to_dict
+from ..config import at_least, check_choices, to_dict
 from ..data import spans
 from ..data.records import Record
 from ..data.tokenize import pad_id_of, tokenize_records
@@ -124,10 +123,7 @@ class DaunceConfig(TrainingArgs):
             raise ValueError(f"subsample_ratio must be in (0, 1], got {self.subsample_ratio}")
         at_least(self, gamma=0, rho=0, seed=0, eval_batch_size=1, head_top_k=0, newton_damping=0, newton_factor_examples=0)
         spans.check_span(self.query_span)
-        for key, allowed in (("solver", ("adamw", "newton")), ("newton_calibration", ("probe", "training_set")),
-                             ("newton_kernel", ("step", "influence"))):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        check_choices(self)
         if self.antithetic and (self.solver != "newton" or self.row_blocks != "none"):
             raise ValueError("antithetic: true needs solver: newton (a trained step has no exact mirror), no row_blocks")
         if not self.first_order and self.subsample_ratio == 1.0 and self.solver == "adamw":
