@@ -202,7 +202,7 @@ def run_phase(model_spec: str, phase: str, repeats: int, n_train: int = 240, ove
         t0 = time.perf_counter()  # solver newton's once-per-run part: θ₀'s K-FAC factors over the training set
         with cached():
             newton = NewtonSolver(pm, examples, pad, batch_size=cfg.batch_size, precision=cfg.precision,
-                                  damping=cfg.newton_damping, gamma=cfg.gamma)
+                                  damping=cfg.newton_damping, gamma=cfg.gamma, damping_rule=cfg.newton_damping_rule)
         out["newton_factors_seconds"] = time.perf_counter() - t0
 
         def newton_step(k: int) -> None:  # one perturbation's step (its rows cost what `evaluate` costs)

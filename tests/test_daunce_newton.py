@@ -50,13 +50,13 @@ def target(tmp_path_factory):
     return SimpleNamespace(dir=d, run=run, train=d / "train.jsonl", query=d / "query.jsonl")
 
 
-def _solver(target, mode: str, damping: float = 0.1, kernel: str = "step"):
+def _solver(target, mode: str, damping: float = 0.1, kernel: str = "step", rule: str = "mean"):
     net, tok = load_target(str(target.run), mode, "cpu")
     pm = PerturbationModel(net, mode, LoraArgs(rank=4, alpha=8.0))
     examples, _ = tokenize_records(list(load_records(target.train)), tok, 64)
     return pm, examples, pad_id_of(tok), NewtonSolver(pm, examples, pad_id_of(tok), batch_size=8,
                                                       precision="fp32", damping=damping, gamma=1.0,
-                                                      kernel=kernel)
+                                                      kernel=kernel, damping_rule=rule)
 
 
 def _brute_force_factors(pm, examples, pad_id):
@@ -82,12 +82,16 @@ def _brute_force_factors(pm, examples, pad_id):
     return [(a / n_tok, s / len(examples)) for a, s in zip(xx, dd, strict=True)]
 
 
-@pytest.mark.parametrize(("mode", "kernel"), [("continue", "step"), ("new", "step"), ("continue", "influence")])
-def test_factors_and_step_solve_the_damped_kfac_system(target, mode, kernel):
+@pytest.mark.parametrize(("mode", "kernel", "rule"), [("continue", "step", "mean"), ("new", "step", "mean"),
+                                                    ("continue", "influence", "mean"), ("continue", "step", "quantile"),
+                                                    ("new", "step", "quantile")])
+def test_factors_and_step_solve_the_damped_kfac_system(target, mode, kernel, rule):
     """The hooked factors equal per-example autograd's; δ solves (γ·S_p ⊗ A_p + λ) δ = −∇ for every LoRA weight,
     with ∇ the brute-force gradient of (1/m) Σ coef_i ℓ_i (lora_A only where B ≠ 0); `newton_kernel: influence`'s
-    δ is −[(H + λ/100)(H + λ)]^-½ ∇ with H = S_p ⊗ A_p built densely, so that Cov(δ) = P H P → (H + λ)⁻¹."""
-    pm, examples, pad_id, solver = _solver(target, mode, kernel=kernel)
+    δ is −[(H + λ/100)(H + λ)]^-½ ∇ with H = S_p ⊗ A_p built densely, so that Cov(δ) = P H P → (H + λ)⁻¹. λ is 0.1 x
+    the mean eigenvalue of that dense H (rule mean) or the median of its eigenvalues (rule quantile, 0.5)."""
+    pm, examples, pad_id, solver = _solver(target, mode, damping=0.5 if rule == "quantile" else 0.1, kernel=kernel,
+                                           rule=rule)
     truth = _brute_force_factors(pm, examples, pad_id)
     for f, (a, s) in zip(solver.factors, truth, strict=True):
         torch.testing.assert_close(f.inputs, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))  # float32 sums
@@ -116,6 +120,9 @@ def test_factors_and_step_solve_the_damped_kfac_system(target, mode, kernel):
         for out_f, in_f, param in sides.values():
             d, g = delta[by_param[id(param)]].double(), grads[by_param[id(param)]].double()
             lam = 0.1 * (torch.trace(out_f) / out_f.shape[0]) * (torch.trace(in_f) / in_f.shape[0])
+            if rule == "quantile":  # the median of the dense Kronecker product's eigenvalues
+                spectrum = torch.linalg.eigvalsh(torch.kron(out_f, in_f).detach()).clamp_min(0).sort().values
+                lam = spectrum[round(0.5 * len(spectrum)) - 1]
             if kernel == "influence":  # vec(S X A) = (S ⊗ A) vec(X) for symmetric A, row-major vec
                 vals, vecs = torch.linalg.eigh(torch.kron(out_f, in_f).detach())
                 vals = vals.clamp_min(0)
@@ -227,6 +234,9 @@ def test_config_rules():
         DaunceConfig(solver="lbfgs")
     with pytest.raises(ValueError, match=r"newton_kernel must be one of \['step', 'influence'\], got 'exact'"):
         DaunceConfig(newton_kernel="exact")  # every Literal field is checked from its annotation (Python API)
+    with pytest.raises(ValueError, match="quantile in"):
+        DaunceConfig(newton_damping=2.0)  # the default rule reads it as a quantile
+    assert DaunceConfig(newton_damping=2.0, newton_damping_rule="mean").newton_damping == 2.0
 
 
 def test_factor_parts_add_up_and_a_rerun_reads_them(target, tmp_path, monkeypatch):

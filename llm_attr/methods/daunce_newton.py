@@ -14,8 +14,10 @@ H is K-FAC over each LoRA module of the perturbation adapter, from two factors p
 θ₀ over the training set: the layer input's covariance C_x `[in, in]` (over real tokens) and the per-example
 covariance of the gradient at the layer's output S `[out, out]`. With the LoRA weights B `[out, r]`, A `[r, in]` and
 scale s (ΔW = s·B A), lora_B sees the input A x and the output gradient s·δ: factors A C_x Aᵀ and s² S; lora_A sees
-x and s·Bᵀδ: factors C_x and s² Bᵀ S B. The damped inverse is taken in each module's Kronecker eigenbasis, with λ a
-fraction (`newton_damping`) of the mean eigenvalue of the module's Kronecker product.
+x and s·Bᵀδ: factors C_x and s² Bᵀ S B. The damped inverse is taken in each module's Kronecker eigenbasis, with λ the
+`newton_damping` quantile of the eigenvalues of the module's Kronecker product (`newton_damping_rule: quantile`: the
+same place in any model's spectrum; a real model's is so heavy-tailed that a fraction of the mean, the `mean` rule,
+damps nearly every direction: docs/results.md, levers 11), or that fraction of their mean.
 
 `antithetic: true` evaluates each step both ways, θ₀ ± δ_k, and records the half-difference of the two rows: the
 first-order (odd) part of every example's change, with the second-order part, which raises every example's loss
@@ -158,8 +160,9 @@ class NewtonSolver:
 
     def __init__(self, pm: PerturbationModel, examples: list[Example], pad_id: int, *, batch_size: int,
                  precision: str, damping: float, gamma: float, sums: dict[str, torch.Tensor] | None = None,
-                 head=None, kernel: str = "step"):
+                 head=None, kernel: str = "step", damping_rule: str = "mean"):
         self.pm, self.examples, self.pad_id, self.head, self.kernel = pm, examples, pad_id, head, kernel
+        self.damping_rule = damping_rule
         self.batch_size, self.precision, self.damping, self.gamma = batch_size, precision, damping, gamma
         self.layers = trainable_lora_layers(pm.model)
         if sums is None:
@@ -168,6 +171,14 @@ class NewtonSolver:
         self.factors = [LayerFactors(inputs=sums[f"x.{i}"] / sums["tokens"], output_grads=sums[f"d.{i}"] /
                                      sums["examples"]) for i in range(len(self.layers))]
         self._cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # eigenbases of fixed factors
+
+    def damping_of(self, eig: torch.Tensor) -> float:
+        """λ of one LoRA weight from its Kronecker eigenvalues `eig` (`[out, in]`): their `damping` quantile (rule
+        quantile), or `damping` times their mean (rule mean)."""
+        flat = eig.flatten()
+        if self.damping_rule == "quantile":
+            return float(flat.kthvalue(max(1, round(self.damping * flat.numel()))).values) + 1e-30
+        return self.damping * float(flat.mean()) + 1e-30
 
     def _zero_grads(self) -> None:
         for p in self.pm.trainable.values():
@@ -230,7 +241,7 @@ class NewtonSolver:
             name = by_id[id(part.param)]
             g = grads[name]
             rotated = part.q_out.T @ g @ part.q_in
-            lam = self.damping * float(part.eig.mean()) + 1e-30
+            lam = self.damping_of(part.eig)
             curv = self.gamma * part.eig
             # step: (γe + λ)⁻¹; influence: [(γe + λ/100)(γe + λ)]^-½, so that e·p² = 1/(γe + λ) down to e ≈ λ/100
             precond = 1 / (curv + lam) if self.kernel == "step" else ((curv + lam / 100) * (curv + lam)).rsqrt()
@@ -380,7 +391,7 @@ def newton_solver(pm: PerturbationModel, examples: list[Example], pad_id: int, c
                               positions=factor_positions(len(examples), cfg.newton_factor_examples, cfg.seed))
     solver = NewtonSolver(pm, examples, pad_id, batch_size=cfg.batch_size, precision=cfg.precision,
                           damping=cfg.newton_damping, gamma=cfg.gamma if cfg.first_order else 1.0, sums=sums,
-                          head=head, kernel=cfg.newton_kernel)
+                          head=head, kernel=cfg.newton_kernel, damping_rule=cfg.newton_damping_rule)
     pm.reset(plan0.init_seed)
     delta = solver.direction(solver.coefficients(cfg, plan0.xi), plan0.subset.tolist())
     probe = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed))[:PROBE_EXAMPLES].tolist()
