@@ -25,7 +25,7 @@ LAYERS = [
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 #: the method modules (one strategy each) and the most lines each may have
 METHOD_MODULES = {"methods/daunce.py": 300, "methods/daunce_tokens.py": 300, "methods/daunce_objective.py": 300, "methods/daunce_store.py": 300, "methods/gradient_store.py": 300, "methods/further_training.py": 300,
-                  "methods/registry.py": 300, "methods/daunce_blocks.py": 300}
+                  "methods/registry.py": 300, "methods/daunce_blocks.py": 300, "methods/daunce_config.py": 300}
 
 
 def layer_of(module: str) -> int:
