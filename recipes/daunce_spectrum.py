@@ -1,13 +1,14 @@
 """Where a damping rule puts λ in each LoRA weight's K-FAC spectrum (docs/results.md, Daunce levers 11).
 
-    python recipes/daunce_spectrum.py --target runs/bd6/target --train runs/bd6/train.jsonl --run runs/bd6/daunce-x
-    python recipes/daunce_spectrum.py --target runs/tiny_bd/target --train runs/tiny_bd/train.jsonl --run R --json S.json
+    python recipes/daunce_spectrum.py --work runs/bd6 --run daunce-q05-s0          # a study of real_backdoor.py
+    python recipes/daunce_spectrum.py --work runs/real_lds --run daunce-q05 --json spectrum.json   # of real_lds.py
 
 `solver: newton` damps each LoRA weight's Kronecker eigenvalues e by λ. The `mean` rule sets λ to a fraction of their
 mean, the `quantile` rule to one of their quantiles. This prints, for each rule value, the share of eigen-directions
 above λ (the ones the step trusts) and the effective dimension Σ e / (e + λ) over the count, per weight and over all
-of them. It reads θ₀'s K-FAC factor sums from RUN/newton_factors (a Daunce run with `solver: newton` on the same
-target and training set; computed there if absent) and takes the adapter and layers as `configs/daunce.yaml` does.
+of them. WORK is a study directory (`recipes/real_backdoor.py`, `real_lds.py`): its `target` and `train.jsonl`, and
+θ₀'s K-FAC factor sums from WORK/RUN/newton_factors (a Daunce run with `solver: newton` there; computed if absent).
+The adapter and its layers are taken as `configs/daunce.yaml` takes them.
 """
 
 from __future__ import annotations
@@ -40,18 +41,18 @@ def shares(eig: torch.Tensor, lam: float) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", required=True, help="the fine-tuned target (a run directory or adapter)")
-    ap.add_argument("--train", required=True, type=Path)
-    ap.add_argument("--run", required=True, type=Path, help="a Daunce run directory (its newton_factors)")
+    ap.add_argument("--work", required=True, type=Path, help="the study directory (WORK/target, WORK/train.jsonl)")
+    ap.add_argument("--run", required=True, help="a Daunce run under WORK (WORK/RUN/newton_factors)")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    target, train, run = str(args.work / "target"), args.work / "train.jsonl", args.work / args.run
     cfg = load_config(DaunceConfig, ROOT / "configs" / "daunce.yaml")
     device = torch.device("cpu")
-    net, tok = load_target(args.target, resolved_adapter(cfg.adapter, args.target), device, "float32")
-    pm = PerturbationModel(net, resolved_adapter(cfg.adapter, args.target), cfg.lora)
-    examples, _ = tokenize_records(list(load_records(args.train)), tok, args.max_length, source=str(args.train))
-    sums = stored_factor_sums(pm, examples, pad_id_of(tok), args.run / "newton_factors", process_index=0,
+    net, tok = load_target(target, resolved_adapter(cfg.adapter, target), device, "float32")
+    pm = PerturbationModel(net, resolved_adapter(cfg.adapter, target), cfg.lora)
+    examples, _ = tokenize_records(list(load_records(train)), tok, args.max_length, source=str(train))
+    sums = stored_factor_sums(pm, examples, pad_id_of(tok), run / "newton_factors", process_index=0,
                               num_processes=1, batch_size=cfg.batch_size, precision="fp32")
     solver = NewtonSolver(pm, examples, pad_id_of(tok), batch_size=cfg.batch_size, precision="fp32", damping=0.1,
                           gamma=1.0, sums=sums)
@@ -74,7 +75,7 @@ def main() -> None:
         per = [w[key]["above"] for w in weights]
         print(f"{key:<16} {s['above']:>14.3f} {s['d_eff']:>10.3f}   ({min(per):.3f} - {max(per):.3f})")
     if args.json:
-        args.json.write_text(json.dumps({"target": str(args.target), "summary": summary, "weights": weights}, indent=1))
+        args.json.write_text(json.dumps({"work": str(args.work), "run": args.run, "summary": summary, "weights": weights}, indent=1))
 
 
 if __name__ == "__main__":
