@@ -75,7 +75,7 @@ def test_daunce_and_grad_cos_find_the_planted_backdoor_and_removal_takes_it_out(
     figures = {name: _mean_auprc(root / name, target["fired"], target["poisoned"]) for name in ("daunce", "grad-cos")}
     print(f"AUPRC over {len(target['fired'])} fired queries (chance {chance:.2f}): {json.dumps(figures)}")
     assert figures["grad-cos"] >= 0.5
-    assert figures["daunce"] >= 0.3  # K = 4: far above chance (0.10); measured 0.59 with the newton default
+    assert figures["daunce"] >= 0.3  # K = 4: far above chance (0.10); measured 0.59-0.62 (mean damping), 0.52 (quantile)
 
     # removing grad-cos's top-8 of the fired queries and retraining from the base: the backdoor no longer fires
     from safetensors.numpy import load_file
