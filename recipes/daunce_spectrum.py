@@ -27,7 +27,7 @@ from llm_attr.config import load_config  # noqa: E402
 from llm_attr.data.records import load_records  # noqa: E402
 from llm_attr.data.tokenize import pad_id_of, tokenize_records  # noqa: E402
 from llm_attr.methods.daunce import DaunceConfig, PerturbationModel, load_target, resolved_adapter  # noqa: E402
-from llm_attr.methods.daunce_newton import NewtonSolver, stored_factor_sums  # noqa: E402
+from llm_attr.methods.daunce_newton import NewtonSolver, damping_of, stored_factor_sums  # noqa: E402
 
 MEAN_FRACTIONS = (0.1, 0.01, 0.001, 1e-4)
 QUANTILES = (0.4, 0.5, 0.6)
@@ -58,18 +58,18 @@ def main() -> None:
                           gamma=1.0, sums=sums)
     rules = [("mean", c) for c in MEAN_FRACTIONS] + [("quantile", q) for q in QUANTILES]
     weights, totals = [], {f"{r} {v:g}": [0.0, 0.0, 0] for r, v in rules}
-    for part in solver._parts():
+    parts = solver._parts()  # each LoRA weight's Kronecker eigenvalues at θ₀
+    for part in parts:
         row = {"shape": list(part.eig.shape)}
         for rule, value in rules:
-            solver.damping, solver.damping_rule = value, rule
-            above, d_eff = shares(part.eig, solver.damping_of(part.eig))
+            above, d_eff = shares(part.eig, damping_of(part.eig, value, rule))
             row[f"{rule} {value:g}"] = {"above": round(above, 4), "d_eff": round(d_eff, 4)}
             n = part.eig.numel()
             t = totals[f"{rule} {value:g}"]
             t[0], t[1], t[2] = t[0] + above * n, t[1] + d_eff * n, t[2] + n
         weights.append(row)
     summary = {key: {"above": round(a / n, 4), "d_eff": round(d / n, 4)} for key, (a, d, n) in totals.items()}
-    print(f"{len(weights)} LoRA weights, {sum(p.eig.numel() for p in solver._parts())} eigenvalues")
+    print(f"{len(weights)} LoRA weights, {sum(p.eig.numel() for p in parts)} eigenvalues")
     print(f"{'rule':<16} {'share above λ':>14} {'d_eff / n':>10}   (per weight: min - max share above)")
     for key, s in summary.items():
         per = [w[key]["above"] for w in weights]

@@ -49,6 +49,15 @@ FACTOR_PARTS = 8
 PROBE_EXAMPLES = 64
 
 
+def damping_of(eig: torch.Tensor, damping: float, rule: str) -> float:
+    """λ of one LoRA weight from its Kronecker eigenvalues `eig` (`[out, in]`): their `damping` quantile (rule
+    quantile), or `damping` times their mean (rule mean)."""
+    flat = eig.flatten()
+    if rule == "quantile":
+        return float(flat.kthvalue(max(1, round(damping * flat.numel()))).values) + 1e-30
+    return damping * float(flat.mean()) + 1e-30
+
+
 @dataclass
 class LayerFactors:
     """K-FAC statistics of one adapted linear layer at θ₀: C_x `[in, in]`, S `[out, out]` (float64)."""
@@ -172,14 +181,6 @@ class NewtonSolver:
                                      sums["examples"]) for i in range(len(self.layers))]
         self._cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}  # eigenbases of fixed factors
 
-    def damping_of(self, eig: torch.Tensor) -> float:
-        """λ of one LoRA weight from its Kronecker eigenvalues `eig` (`[out, in]`): their `damping` quantile (rule
-        quantile), or `damping` times their mean (rule mean)."""
-        flat = eig.flatten()
-        if self.damping_rule == "quantile":
-            return float(flat.kthvalue(max(1, round(self.damping * flat.numel()))).values) + 1e-30
-        return self.damping * float(flat.mean()) + 1e-30
-
     def _zero_grads(self) -> None:
         for p in self.pm.trainable.values():
             p.grad = None
@@ -241,7 +242,7 @@ class NewtonSolver:
             name = by_id[id(part.param)]
             g = grads[name]
             rotated = part.q_out.T @ g @ part.q_in
-            lam = self.damping_of(part.eig)
+            lam = damping_of(part.eig, self.damping, self.damping_rule)
             curv = self.gamma * part.eig
             # step: (γe + λ)⁻¹; influence: [(γe + λ/100)(γe + λ)]^-½, so that e·p² = 1/(γe + λ) down to e ≈ λ/100
             precond = 1 / (curv + lam) if self.kernel == "step" else ((curv + lam / 100) * (curv + lam)).rsqrt()
